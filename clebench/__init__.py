@@ -1,0 +1,3 @@
+"""clebench: Cross-Layer Equalization (Nagel et al., ICCV 2019) with AIMET's API, an int8 simulator and a sweep harness."""
+
+__version__ = "0.1.0"

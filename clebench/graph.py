@@ -1,0 +1,315 @@
+"""Graph discovery with torch.fx: which layers feed which BN, activation and layer.
+
+Everything that needs the model's data flow -- BN fold pairs, cross-layer-scaling chains, quantizer
+placement -- reads it from one `torch.fx` trace made here. Layers, BNs and activations are fx leaves
+(also subclasses such as a "same-padding" Conv2d), so each call site of a module is one graph node, and
+a module instance reused at several places in `forward` shows up once per place.
+"""
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import fx, nn
+
+from clebench import layers
+from clebench.activations import (
+    RELU6_FUNCTIONS,
+    RELU_FUNCTIONS,
+    RELU_METHODS,
+    RELU_MODULES,
+    ChannelClippedReLU,
+    functional_relu6_bound,
+    relu6_upper_bound,
+)
+
+Relu6Policy = Literal["replace", "keep", "clip"]
+RELU6_POLICIES: tuple[str, ...] = ("replace", "keep", "clip")
+LEAF_TYPES = layers.LAYER_TYPES + layers.BN_TYPES + RELU_MODULES + (nn.Hardtanh, ChannelClippedReLU)
+TRANSPARENT_TYPES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+class UntraceableModelError(ValueError):
+    """torch.fx could not trace the model; auto mode needs a trace, manual mode does not."""
+
+
+class _LeafTracer(fx.Tracer):
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, LEAF_TYPES) or super().is_leaf_module(module, qualified_name)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DataParallel / DistributedDataParallel wrapper (else the model itself)."""
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return model
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """An fx.GraphModule over the same module objects (editing a leaf edits `model`).
+
+    A GraphModule is returned as it is, so graph edits on it stay in place.
+    """
+    model = unwrap(model)
+    if isinstance(model, fx.GraphModule):
+        return model
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception as error:  # fx raises many types; all mean "not symbolically traceable"
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UntraceableModelError(
+            f"torch.fx cannot trace {type(model).__name__} ({type(error).__name__}: {first_line}). "
+            "Auto mode needs a traceable model; use manual mode instead: "
+            "batch_norm_fold.fold_given_batch_norms(model, [(conv, bn), ...]) and "
+            "CrossLayerScaling.scale_cls_sets([(conv1, conv2), (conv, depthwise, conv), ...])."
+        ) from None
+    return fx.GraphModule(model, graph, class_name=type(model).__name__)
+
+
+def call_sites(gm: fx.GraphModule) -> Counter:
+    """How many graph nodes call each submodule (by qualified name)."""
+    return Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
+
+
+def module_of(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
+    return modules.get(node.target) if node.op == "call_module" else None
+
+
+def activation_kind(node: fx.Node, modules: dict[str, nn.Module]) -> Literal["relu", "relu6"] | None:
+    """'relu' for ReLU/PReLU (module, function or method), 'relu6' for ReLU6-like clips, else None."""
+    module = module_of(node, modules)
+    if module is not None:
+        if isinstance(module, RELU_MODULES):
+            return "relu"
+        return "relu6" if relu6_upper_bound(module) is not None else None
+    if node.op == "call_function":
+        if node.target in RELU_FUNCTIONS:
+            return "relu"
+        if node.target in RELU6_FUNCTIONS and functional_relu6_bound(node.target, node.args, node.kwargs) is not None:
+            return "relu6"
+    if node.op == "call_method" and node.target in RELU_METHODS:
+        return "relu"
+    return None
+
+
+def is_transparent(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Identity-like in eval mode and channel-wise positive-homogeneous: CLS may look through it."""
+    return isinstance(module_of(node, modules), TRANSPARENT_TYPES)
+
+
+def _only_input(node: fx.Node) -> fx.Node | None:
+    inputs = node.all_input_nodes
+    if node.op == "call_function" and node.target in RELU_FUNCTIONS and len(inputs) == 2:
+        inputs = inputs[:1]  # F.prelu(x, weight): the weight is a get_attr node, not data
+    return inputs[0] if len(inputs) == 1 else None
+
+
+def _sole_user(node: fx.Node) -> fx.Node | None:
+    """The one node that consumes `node` (and nothing else), else None."""
+    if len(node.users) != 1:
+        return None
+    (user,) = node.users
+    return user if _only_input(user) is node else None
+
+
+def _matching_bn(layer: nn.Module, bn: nn.Module) -> bool:
+    """A BatchNorm of the layer's dimensionality (Linear <-> BatchNorm1d) with running statistics."""
+    if not isinstance(bn, layers.BN_TYPES) or bn.running_mean is None:
+        return False
+    spatial_dims = layer.weight.dim() - 2
+    expected = nn.BatchNorm1d if isinstance(layer, nn.Linear) else layers.BN_TYPES[max(spatial_dims, 1) - 1]
+    return type(bn) is expected or isinstance(bn, expected)
+
+
+def forward_foldable(layer: nn.Module) -> bool:
+    """BN -> layer folds exactly only into an ungrouped, unpadded, plain conv or a Linear."""
+    plain_forwards = (nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+    if type(layer).forward not in plain_forwards:
+        return False  # transposed convs, or subclasses that pad inside forward
+    if isinstance(layer, nn.Linear):
+        return True
+    padding = layer.padding if isinstance(layer.padding, tuple) else (layer.padding,)
+    return layer.groups == 1 and all(p in (0, "valid") for p in padding)
+
+
+@dataclass(frozen=True)
+class BnFolds:
+    """BN fold candidates by qualified module name, in graph order."""
+
+    backward: list[tuple[str, str]]  # (layer, bn): layer -> BN
+    forward: list[tuple[str, str]]  # (bn, layer): BN -> layer
+
+
+def find_bn_folds(gm: fx.GraphModule) -> BnFolds:
+    """Every layer whose sole consumer is a BN (backward), then every remaining BN consumed only by a layer.
+
+    Modules called at more than one place are skipped: folding would change the other call sites too.
+    """
+    modules = dict(gm.named_modules())
+    sites = call_sites(gm)
+    single = lambda node: node.op == "call_module" and sites[node.target] == 1  # noqa: E731
+    backward, folded = [], set()
+    for node in gm.graph.nodes:
+        layer = module_of(node, modules)
+        if not (single(node) and layers.is_layer(layer)):
+            continue
+        user = _sole_user(node)
+        if user is not None and single(user) and _matching_bn(layer, modules.get(user.target)):
+            if modules[user.target].num_features == layers.out_channels(layer):
+                backward.append((node.target, user.target))
+                folded.add(user.target)
+    forward = []
+    for node in gm.graph.nodes:
+        bn = module_of(node, modules)
+        if not (single(node) and isinstance(bn, layers.BN_TYPES)) or node.target in folded:
+            continue
+        user = _sole_user(node)
+        layer = module_of(user, modules) if user is not None else None
+        if layer is not None and single(user) and layers.is_layer(layer) and forward_foldable(layer):
+            if _matching_bn(layer, bn) and bn.num_features == layers.in_channels(layer):
+                forward.append((node.target, user.target))
+    return BnFolds(backward, forward)
+
+
+def is_scalable(layer: nn.Module | None) -> bool:
+    """Layers CLS can scale: ungrouped convs / transposed convs / Linear, and depthwise convs."""
+    if not layers.is_layer(layer):
+        return False
+    return layers.groups(layer) == 1 or layers.is_depthwise(layer)
+
+
+@dataclass(frozen=True)
+class Hop:
+    """`layer` feeds `next_layer` through nothing but element-wise activations (and identities)."""
+
+    layer: str
+    next_layer: str
+    activations: tuple[fx.Node, ...]
+
+
+def _next_hop(node: fx.Node, modules: dict[str, nn.Module], sites: Counter, relu6: Relu6Policy) -> Hop | None:
+    layer = modules[node.target]
+    activations = []
+    current = node
+    while (user := _sole_user(current)) is not None:
+        candidate = module_of(user, modules)
+        if is_scalable(candidate):
+            if sites[user.target] != 1 or isinstance(layer, nn.Linear) != isinstance(candidate, nn.Linear):
+                return None  # shared weights, or a Linear reading a conv's last (spatial) axis
+            if layers.in_channels(candidate) != layers.out_channels(layer):
+                return None
+            return Hop(node.target, user.target, tuple(activations))
+        kind = activation_kind(user, modules)
+        if kind == "relu" or (kind == "relu6" and relu6 == "clip"):
+            activations.append(user)
+        elif not is_transparent(user, modules):
+            return None
+        current = user
+    return None
+
+
+def find_cls_chains(gm: fx.GraphModule, relu6: Relu6Policy = "keep") -> list[list[Hop]]:
+    """Maximal chains of scalable layers linked only by ReLU/PReLU (and ReLU6 when relu6 == 'clip').
+
+    Anything else -- an add, a concat, pooling, a flatten, a tensor consumed twice -- ends a chain, so nothing
+    is equalized across residual connections.
+    """
+    if relu6 not in RELU6_POLICIES:
+        raise ValueError(f"relu6 policy must be one of {RELU6_POLICIES}, got {relu6!r}")
+    modules = dict(gm.named_modules())
+    sites = call_sites(gm)
+    hops: dict[str, Hop] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and sites[node.target] == 1 and is_scalable(modules[node.target]):
+            hop = _next_hop(node, modules, sites, relu6)
+            if hop is not None:
+                hops[hop.layer] = hop
+    heads = set(hops) - {hop.next_layer for hop in hops.values()}
+    chains = []
+    for node in gm.graph.nodes:  # graph order makes the result deterministic
+        if node.op == "call_module" and node.target in heads:
+            chain, name = [], node.target
+            while name in hops:
+                chain.append(hops[name])
+                name = hops[name].next_layer
+            chains.append(chain)
+    return chains
+
+
+def chain_to_cls_sets(chain: list[Hop], modules: dict[str, nn.Module]) -> list[tuple[Hop, ...]]:
+    """Split a chain into CLS sets as AIMET does: (conv, depthwise, conv) triples, otherwise pairs.
+
+    Consecutive sets share a layer. A depthwise conv that ends a chain is left alone.
+    """
+    sets, i = [], 0
+    while i < len(chain):
+        if layers.is_depthwise(modules[chain[i].next_layer]):
+            if i + 1 == len(chain):
+                break
+            sets.append((chain[i], chain[i + 1]))
+            i += 2
+        else:
+            sets.append((chain[i],))
+            i += 1
+    return sets
+
+
+def set_submodule(root: nn.Module, qualified_name: str, module: nn.Module) -> None:
+    """Replace the submodule at `qualified_name` (e.g. 'layer1.0.bn1')."""
+    parent_name, _, attribute = qualified_name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attribute, module)
+
+
+def prepare_model(model: nn.Module) -> fx.GraphModule:
+    """A traced copy of `model` in which every activation call site owns its own module.
+
+    Functional ReLU / ReLU6 / hardtanh(0, m) calls become modules and activation modules reused at several
+    places are duplicated, so that per-call-site edits (ReLU6 -> per-channel clip) can be made in place.
+    The FP32 function is unchanged; `model` itself is not modified.
+    """
+    gm = trace(copy.deepcopy(unwrap(model)))
+    modules = dict(gm.named_modules())
+    seen: set[str] = set()
+    for node in list(gm.graph.nodes):
+        kind = activation_kind(node, modules)
+        if kind is None or node.op == "call_method":
+            continue
+        module = module_of(node, modules)
+        if module is not None and node.target not in seen:
+            seen.add(node.target)
+            continue
+        replacement = copy.deepcopy(module) if module is not None else _activation_module(node)
+        if replacement is None:
+            continue
+        name = _free_name(gm, f"{node.target if module is not None else node.name}_site")
+        gm.add_submodule(name, replacement)
+        with gm.graph.inserting_after(node):
+            new_node = gm.graph.call_module(name, (node.args[0],))
+        node.replace_all_uses_with(new_node)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _activation_module(node: fx.Node) -> nn.Module | None:
+    if node.target in (torch.relu, torch.relu_, torch.nn.functional.relu):
+        return nn.ReLU()
+    bound = functional_relu6_bound(node.target, node.args, node.kwargs)
+    if bound is None:
+        return None  # functional PReLU keeps its weight node; leave it functional
+    return nn.ReLU6() if bound == 6.0 else nn.Hardtanh(0.0, bound)
+
+
+def _free_name(gm: fx.GraphModule, base: str) -> str:
+    base = base.replace(".", "_")
+    names = dict(gm.named_modules())
+    name, i = base, 0
+    while name in names or hasattr(gm, name):
+        i += 1
+        name = f"{base}{i}"
+    return name

@@ -1,0 +1,115 @@
+"""Which weight axis is which: the per-channel views that BN folding, scaling and quantization share.
+
+Weight layouts (PyTorch):
+    Linear            [out, in]
+    ConvNd            [out, in / groups, *kernel]
+    ConvTransposeNd   [in, out / groups, *kernel]   <- output channels sit on axis 1
+
+A depthwise conv (groups == in == out) has weight [C, 1, *kernel]: channel c is both its input and
+its output channel, so its "input axis" is axis 0 too.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+LAYER_TYPES = CONV_TYPES + CONV_TRANSPOSE_TYPES + (nn.Linear,)
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+Layer = nn.Module  # one of LAYER_TYPES
+
+
+def is_layer(module: nn.Module) -> bool:
+    return isinstance(module, LAYER_TYPES)
+
+
+def groups(layer: Layer) -> int:
+    return getattr(layer, "groups", 1)
+
+
+def out_channels(layer: Layer) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def in_channels(layer: Layer) -> int:
+    return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+
+
+def is_depthwise(layer: Layer) -> bool:
+    """A conv whose every channel is filtered on its own: groups == in == out > 1."""
+    return (
+        isinstance(layer, CONV_TYPES)
+        and layer.groups > 1
+        and layer.groups == layer.in_channels == layer.out_channels
+    )
+
+
+def output_axis(layer: Layer) -> int:
+    return 1 if isinstance(layer, CONV_TRANSPOSE_TYPES) else 0
+
+
+def input_axis(layer: Layer) -> int:
+    if is_depthwise(layer):
+        return 0
+    return 0 if isinstance(layer, CONV_TRANSPOSE_TYPES) else 1
+
+
+def channel_abs_max(weight: torch.Tensor, axis: int) -> torch.Tensor:
+    """max |w| over every axis but `axis`: shape [weight.shape[axis]]."""
+    dims = [d for d in range(weight.dim()) if d != axis]
+    return weight.detach().abs().amax(dim=dims)
+
+
+def along(vector: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
+    """View a per-channel vector so that it broadcasts along `axis` of an `ndim`-dim tensor."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return vector.reshape(shape)
+
+
+def scale_output_channels(layer: Layer, scale: torch.Tensor) -> None:
+    """Multiply output channel c of the layer's weight and bias by scale[c], in place."""
+    with torch.no_grad():
+        weight = layer.weight
+        if isinstance(layer, CONV_TRANSPOSE_TYPES) and layer.groups > 1:
+            # [in, out/g, *k]: output channel g*(out/g)+j is column j of the rows of group g
+            g = layer.groups
+            weight.view(g, -1, *weight.shape[1:]).mul_(scale.view(g, 1, -1, *[1] * (weight.dim() - 2)))
+        else:
+            weight.mul_(along(scale, output_axis(layer), weight.dim()))
+        if layer.bias is not None:
+            layer.bias.mul_(scale)
+
+
+def scale_input_channels(layer: Layer, scale: torch.Tensor) -> None:
+    """Multiply the weights that read input channel c by scale[c], in place (bias untouched)."""
+    with torch.no_grad():
+        layer.weight.mul_(along(scale, input_axis(layer), layer.weight.dim()))
+
+
+def weight_sum_over_kernel(layer: Layer) -> torch.Tensor:
+    """The layer's response to a constant input of 1 per channel: [out, in] (for depthwise: [C])."""
+    weight = layer.weight.detach()
+    if is_depthwise(layer):
+        return weight.flatten(1).sum(1)
+    matrix = weight.flatten(2).sum(2) if weight.dim() > 2 else weight
+    return matrix.t() if isinstance(layer, CONV_TRANSPOSE_TYPES) else matrix
+
+
+def ensure_bias(layer: Layer) -> torch.Tensor:
+    """Give the layer a zero bias if it has none; return the bias."""
+    if layer.bias is None:
+        weight = layer.weight
+        layer.bias = nn.Parameter(torch.zeros(out_channels(layer), device=weight.device, dtype=weight.dtype))
+    return layer.bias
+
+
+def describe(module: nn.Module) -> str:
+    """A short, human-readable identity for error messages."""
+    if is_layer(module):
+        return f"{type(module).__name__}(in={in_channels(module)}, out={out_channels(module)}, groups={groups(module)})"
+    if isinstance(module, BN_TYPES):
+        return f"{type(module).__name__}({module.num_features})"
+    return type(module).__name__

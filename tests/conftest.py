@@ -1,0 +1,49 @@
+"""Shared fixtures: models with realistic BN statistics, and the paths of the shared data."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+
+def randomize_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BN non-trivial running statistics and affine parameters (in place), as a trained net has."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                n = module.num_features
+                module.running_mean.copy_(torch.rand(n, generator=generator) * 2 - 1)
+                module.running_var.copy_(torch.rand(n, generator=generator) * 1.5 + 0.5)
+                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.bias.copy_(torch.rand(n, generator=generator) * 2 - 1)
+    return model.eval()
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|."""
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def _env_path(variable: str) -> Path | None:
+    value = os.environ.get(variable)
+    return Path(value) if value and Path(value).is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = _env_path("CLEBENCH_DATA")
+    if root is None:
+        pytest.skip("CLEBENCH_DATA is not set to the shared data directory")
+    return root
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    root = _env_path("CLEBENCH_MODELS")
+    if root is None:
+        pytest.skip("CLEBENCH_MODELS is not set to the shared checkpoints directory")
+    return root
