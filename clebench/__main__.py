@@ -1,0 +1,5 @@
+import sys
+
+from clebench.cli import main
+
+sys.exit(main())

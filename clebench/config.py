@@ -1,0 +1,190 @@
+"""Sweep configuration: a TOML file (parsed with tomllib) validated into a frozen `SweepConfig`.
+
+    models = ["resnet18_cifar10", "mobilenet_v2_cifar10"]   # or [[models]] tables: name = "...", checkpoint = "..."
+    steps = "paper"                                         # a preset ("paper", "all") or ["bn_fold", "bn_fold+cls", ...]
+    quant = ["w8a8_per_tensor_minmax", "w8a8_per_channel_minmax"]
+
+    [data]
+    dataset = "cifar10"          # cifar10 | cifar100 | imagenet | imagenette
+    eval_split = "test"          # imagenet: a folder of wnid folders relative to the data root
+    calibration_split = "train"
+    limit = 1000                 # evaluation images, class-balanced (omit for all)
+    calibration = 512            # calibration images from calibration_split, class-balanced
+    batch_size = 256
+    seed = 7                     # omit: the first files per class; set: a seeded random subset
+
+    [report]
+    range_layers = ["first_depthwise"]   # layers whose per-channel ranges are plotted (Fig. 2); qualified names allowed
+
+Every key is checked before any work starts; an error names the key and the allowed values.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from clebench import steps
+from clebench.quant import QuantConfig
+
+DATASETS = ("cifar10", "cifar100", "imagenet", "imagenette")
+FIRST_DEPTHWISE = "first_depthwise"
+
+
+class ConfigError(ValueError):
+    """A sweep configuration that cannot run."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    checkpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    dataset: str
+    eval_split: str = "test"
+    calibration_split: str = "train"
+    limit: int | None = None
+    calibration: int = 512
+    batch_size: int = 256
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    models: tuple[ModelSpec, ...]
+    data: DataSpec
+    steps: str | tuple[str, ...]
+    quant: tuple[str, ...]
+    range_layers: tuple[str, ...] = (FIRST_DEPTHWISE,)
+
+    @property
+    def combinations(self) -> list[steps.Combination]:
+        return steps.resolve(self.steps)
+
+    @property
+    def quant_configs(self) -> list[QuantConfig]:
+        return [QuantConfig.from_name(name) for name in self.quant]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-serialisable): what baselines store and the hash covers."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @property
+    def hash(self) -> str:
+        """12 hex characters identifying everything that changes the numbers."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def with_limit(self, limit: int | None) -> SweepConfig:
+        return replace(self, data=replace(self.data, limit=_positive_int(limit, "data.limit", allow_none=True)))
+
+
+_TOP_KEYS = {"models", "steps", "quant", "data", "report"}
+_DATA_KEYS = {"dataset", "eval_split", "calibration_split", "limit", "calibration", "batch_size", "seed"}
+_MODEL_KEYS = {"name", "checkpoint"}
+_REPORT_KEYS = {"range_layers"}
+
+
+def _unknown(table: dict, allowed: set[str], where: str) -> None:
+    extra = sorted(set(table) - allowed)
+    if extra:
+        raise ConfigError(f"unknown key{'s' if len(extra) > 1 else ''} {', '.join(map(repr, extra))} in {where}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _positive_int(value: Any, key: str, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key} must be a positive integer{' (or omitted)' if allow_none else ''}, got {value!r}")
+    return value
+
+
+def _string_list(value: Any, key: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key} must be a non-empty list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _models(value: Any) -> tuple[ModelSpec, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"models must be a non-empty list of model names or [[models]] tables, got {value!r}")
+    specs = []
+    for entry in value:
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise ConfigError(f"each models entry needs a string name, got {entry!r}")
+        _unknown(entry, _MODEL_KEYS, f"models entry {entry.get('name')!r}")
+        checkpoint = entry.get("checkpoint")
+        if checkpoint is not None and not isinstance(checkpoint, str):
+            raise ConfigError(f"models.{entry['name']}.checkpoint must be a path string, got {checkpoint!r}")
+        specs.append(ModelSpec(entry["name"], checkpoint))
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"models lists a model twice: {names}")
+    return tuple(specs)
+
+
+def _data(table: Any) -> DataSpec:
+    if not isinstance(table, dict):
+        raise ConfigError("[data] table is required (at least dataset = \"cifar10\" or another data set)")
+    _unknown(table, _DATA_KEYS, "[data]")
+    dataset = table.get("dataset")
+    if dataset not in DATASETS:
+        raise ConfigError(f"data.dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
+    for key in ("eval_split", "calibration_split"):
+        if key in table and not (isinstance(table[key], str) and table[key]):
+            raise ConfigError(f"data.{key} must be a non-empty string, got {table[key]!r}")
+    seed = table.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ConfigError(f"data.seed must be a non-negative integer (or omitted), got {seed!r}")
+    defaults = DataSpec(dataset)
+    return DataSpec(
+        dataset=dataset,
+        eval_split=table.get("eval_split", defaults.eval_split),
+        calibration_split=table.get("calibration_split", defaults.calibration_split),
+        limit=_positive_int(table.get("limit"), "data.limit", allow_none=True),
+        calibration=_positive_int(table.get("calibration", defaults.calibration), "data.calibration"),
+        batch_size=_positive_int(table.get("batch_size", defaults.batch_size), "data.batch_size"),
+        seed=seed,
+    )
+
+
+def parse_config(raw: dict[str, Any], source: str = "config") -> SweepConfig:
+    """Validate a parsed TOML document; errors name `source` and the key."""
+    try:
+        _unknown(raw, _TOP_KEYS, "the top level")
+        for key in ("models", "steps", "quant"):
+            if key not in raw:
+                raise ConfigError(f"missing required key {key!r}")
+        step_spec = raw["steps"] if isinstance(raw["steps"], str) else _string_list(raw["steps"], "steps")
+        steps.resolve(step_spec)
+        quant = _string_list(raw["quant"], "quant")
+        for name in quant:
+            QuantConfig.from_name(name)
+        report = raw.get("report", {})
+        if not isinstance(report, dict):
+            raise ConfigError("[report] must be a table")
+        _unknown(report, _REPORT_KEYS, "[report]")
+        range_layers = _string_list(report.get("range_layers", [FIRST_DEPTHWISE]), "report.range_layers")
+        return SweepConfig(_models(raw["models"]), _data(raw.get("data")), step_spec, quant, range_layers)
+    except (ConfigError, steps.StepError, ValueError, TypeError) as error:
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def load_config(path: str | Path) -> SweepConfig:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}") from None
+    return parse_config(raw, str(path))

@@ -1,0 +1,174 @@
+"""The sweep's named, composable equalization steps, their dependency rules and presets.
+
+A step combination is a tuple of step names in pipeline order, e.g. ("bn_fold", "relu6_to_relu", "cls", "hbf").
+FP32 steps transform the model once per combination prefix; bias-correction steps depend on the quantization grid,
+so they run per quantization setting, right before quantization.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from clebench import graph, utils
+from clebench.batch_norm_fold import fold_all_batch_norms
+from clebench.cross_layer_equalization import ClsSetInfo, CrossLayerScaling, HighBiasFold
+
+STEP_ORDER = (
+    "bn_fold",
+    "relu6_to_relu",
+    "cls",
+    "cls_relu6_keep",
+    "cls_relu6_clip",
+    "hbf",
+    "bias_correction",
+    "bias_correction_empirical",
+)
+CLS_STEPS = {"cls": "keep", "cls_relu6_keep": "keep", "cls_relu6_clip": "clip"}  # step -> ReLU6 policy of scale_model
+BIAS_CORRECTION_STEPS = {"bias_correction": "analytical", "bias_correction_empirical": "empirical"}
+FP32_STEPS = tuple(s for s in STEP_ORDER if s not in BIAS_CORRECTION_STEPS)
+NO_STEPS = "none"
+
+Combination = tuple[str, ...]
+
+
+class StepError(ValueError):
+    """An unknown step, an impossible order or a missing dependency."""
+
+
+@dataclass
+class PipelineState:
+    """An FP32 model part-way through the pipeline, with what later steps need to know about earlier ones."""
+
+    model: nn.Module
+    bn_map: dict[nn.Module, nn.Module] = field(default_factory=dict)  # layer -> the BN folded backward into it
+    cls_infos: list[ClsSetInfo] = field(default_factory=list)
+
+
+def combination_name(combination: Combination) -> str:
+    return "+".join(combination) if combination else NO_STEPS
+
+
+def parse_combination(text: str) -> Combination:
+    """'bn_fold+cls' -> ('bn_fold', 'cls'); 'none' -> (); validated."""
+    if not isinstance(text, str) or not text.strip():
+        raise StepError(f"a step combination is a string such as 'bn_fold+cls+hbf' (or 'none'), got {text!r}")
+    combination = () if text.strip() == NO_STEPS else tuple(part.strip() for part in text.split("+"))
+    validate(combination)
+    return combination
+
+
+def validate(combination: Combination) -> None:
+    """Raise StepError naming the offending step and the allowed values if the combination cannot run."""
+    for step in combination:
+        if step not in STEP_ORDER:
+            raise StepError(f"unknown step {step!r}; allowed steps (in pipeline order): {', '.join(STEP_ORDER)}")
+    positions = [STEP_ORDER.index(step) for step in combination]
+    if positions != sorted(set(positions)):
+        raise StepError(
+            f"steps {combination_name(combination)!r} are repeated or out of order; the pipeline order is {' -> '.join(STEP_ORDER)}"
+        )
+    present = set(combination)
+    cls_steps = present & set(CLS_STEPS)
+    if len(cls_steps) > 1 or len(present & set(BIAS_CORRECTION_STEPS)) > 1:
+        raise StepError(f"{combination_name(combination)!r}: choose one cross-layer-scaling step and one bias-correction step at most")
+    needs_bn_fold = present & (set(CLS_STEPS) | {"hbf"} | set(BIAS_CORRECTION_STEPS))
+    if needs_bn_fold and "bn_fold" not in present:
+        raise StepError(
+            f"{', '.join(sorted(needs_bn_fold))}: needs bn_fold first (BN layers sit between the convs and hold the statistics)"
+        )
+    if "hbf" in present and not cls_steps:
+        raise StepError("hbf needs a cross-layer-scaling step (cls, cls_relu6_keep or cls_relu6_clip) before it")
+    if "relu6_to_relu" in present and cls_steps - {"cls"}:
+        raise StepError(f"relu6_to_relu contradicts {cls_steps.pop()}, which handles ReLU6 itself; use cls after relu6_to_relu")
+
+
+def check_for_model(combination: Combination, model: nn.Module, model_name: str) -> None:
+    """Model-dependent rule: plain `cls` on a network with ReLU6 needs relu6_to_relu first."""
+    if "cls" in combination and "relu6_to_relu" not in combination and has_relu6(model):
+        raise StepError(
+            f"{model_name} has ReLU6 activations: {combination_name(combination)!r} must replace them first "
+            "(add relu6_to_relu), keep them as chain ends (cls_relu6_keep) or scale across them exactly (cls_relu6_clip)"
+        )
+
+
+def has_relu6(model: nn.Module) -> bool:
+    gm = graph.trace(model)
+    modules = dict(gm.named_modules())
+    return any(graph.activation_kind(node, modules) == "relu6" for node in gm.graph.nodes)
+
+
+def apply_fp32_step(step: str, state: PipelineState) -> bool:
+    """Apply one FP32 step in place; return whether it changed the model."""
+    if step == "bn_fold":
+        pairs = fold_all_batch_norms(state.model)
+        state.bn_map.update({layer: bn for layer, bn in pairs if not isinstance(layer, graph.layers.BN_TYPES)})
+        return bool(pairs)
+    if step == "relu6_to_relu":
+        changed = any(isinstance(m, nn.ReLU6) for m in state.model.modules())
+        utils.replace_modules_of_type1_with_type2(state.model, nn.ReLU6, nn.ReLU)
+        return changed
+    if step in CLS_STEPS:
+        infos = CrossLayerScaling.scale_model(state.model, relu6=CLS_STEPS[step])
+        state.cls_infos.extend(infos)
+        return bool(infos)
+    if step == "hbf":
+        HighBiasFold.bias_fold(state.cls_infos, state.bn_map)
+        return any(
+            pair.absorbed_bias is not None and bool(pair.absorbed_bias.any())
+            for info in state.cls_infos
+            for pair in info.cls_pair_info_list
+        )
+    raise StepError(f"{step!r} is not an FP32 step")
+
+
+def split_combination(combination: Combination) -> tuple[Combination, str | None]:
+    """(FP32 steps, the bias-correction step or None)."""
+    fp32 = tuple(s for s in combination if s in FP32_STEPS)
+    correction = next((s for s in combination if s in BIAS_CORRECTION_STEPS), None)
+    return fp32, correction
+
+
+def all_combinations() -> list[Combination]:
+    """Every valid combination, in pipeline order (the `all` preset)."""
+    valid = []
+    for mask in itertools.product((False, True), repeat=len(STEP_ORDER)):
+        combination = tuple(step for step, keep in zip(STEP_ORDER, mask) if keep)
+        try:
+            validate(combination)
+        except StepError:
+            continue
+        valid.append(combination)
+    return sorted(valid, key=lambda c: (len(c), [STEP_ORDER.index(s) for s in c]))
+
+
+PRESETS: dict[str, list[str]] = {
+    # The rows of the DFQ paper's MobileNetV2 ablation (Table 1, + bias correction), and the exact ReLU6-aware variant.
+    "paper": [
+        "bn_fold",
+        "bn_fold+relu6_to_relu",
+        "bn_fold+relu6_to_relu+cls",
+        "bn_fold+relu6_to_relu+cls+hbf",
+        "bn_fold+relu6_to_relu+cls+hbf+bias_correction",
+        "bn_fold+cls_relu6_clip",
+        "bn_fold+cls_relu6_clip+hbf",
+        "bn_fold+cls_relu6_clip+hbf+bias_correction",
+    ],
+}
+
+
+def preset(name: str) -> list[Combination]:
+    if name == "all":
+        return all_combinations()
+    if name not in PRESETS:
+        raise StepError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS) + ['all'])}")
+    return [parse_combination(text) for text in PRESETS[name]]
+
+
+def resolve(steps: str | Sequence[str]) -> list[Combination]:
+    """A preset name or a list of combination strings -> validated combinations."""
+    if isinstance(steps, str):
+        return preset(steps)
+    return [parse_combination(text) for text in steps]
