@@ -10,6 +10,8 @@ its output channel, so its "input axis" is axis 0 too.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -58,8 +60,9 @@ def input_axis(layer: Layer) -> int:
 
 def channel_abs_max(weight: torch.Tensor, axis: int) -> torch.Tensor:
     """max |w| over every axis but `axis`: shape [weight.shape[axis]]."""
-    dims = [d for d in range(weight.dim()) if d != axis]
-    return weight.detach().abs().amax(dim=dims)
+    # As [before, C, after], reducing the contiguous trailing block first: much faster than amax over a dim tuple.
+    blocks = weight.detach().reshape(math.prod(weight.shape[:axis]), weight.shape[axis], -1)
+    return blocks.abs().amax(dim=2).amax(dim=0)
 
 
 def along(vector: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:

@@ -1,0 +1,186 @@
+"""write_report on small synthetic results directories: table contents, plots, determinism and errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.image import imread
+from torch import nn
+
+from clebench.ranges import channel_stats, layer_ranges
+from clebench.report import (
+    RESULTS_COLUMNS,
+    markdown_table,
+    plot_layer_ranges,
+    sorted_steps,
+    step_label,
+    write_report,
+)
+
+MODEL = "tiny_cifar10"
+QUANTS = ["w8a8_per_tensor_minmax", "w4a8_per_tensor_minmax"]
+# (steps, fp32 top-1, quantized top-1 per quant); written out of pipeline order on purpose.
+ACCURACY = [
+    ("bn_fold+relu6_to_relu+cls", 70.0, [69.0, 40.0]),
+    ("none", 71.5, [10.25, 9.0]),
+    ("bn_fold+relu6_to_relu", 70.0, [12.0, 9.5]),
+    ("bn_fold", 71.5, [11.0, 10.0]),
+    ("bn_fold+relu6_to_relu+cls+hbf", 70.0, [69.5, 45.125]),
+]
+
+
+def _results_rows() -> list[dict]:
+    rows = []
+    for steps, fp32, quantized in ACCURACY:
+        for quant, top1 in zip(QUANTS, quantized):
+            rows.append({
+                "model": MODEL, "dataset": "cifar10", "steps": steps, "quant": quant,
+                "fp32_top1": fp32, "fp32_top5": 98.0, "quant_top1": top1, "quant_top5": 90.0,
+                "delta_top1": top1 - fp32, "n_images": 200, "n_calibration": 64, "seconds": 1.5,
+                "config_hash": "001234abcdef",
+            })
+    return rows
+
+
+def _tiny_model(scale_second: float) -> nn.Module:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    nn.init.uniform_(model[2].weight, -1.0, 1.0)
+    model[2].weight.data[::2] *= scale_second
+    return model
+
+
+def _with_keys(frame: pd.DataFrame, steps: str) -> pd.DataFrame:
+    frame.insert(0, "steps", steps)
+    frame.insert(0, "model", MODEL)
+    return frame
+
+
+@pytest.fixture
+def results_dir(tmp_path: Path) -> Path:
+    pd.DataFrame(_results_rows(), columns=RESULTS_COLUMNS).to_csv(tmp_path / "results.csv", index=False)
+    before, after = _tiny_model(20.0), _tiny_model(1.0)
+    ranges = [_with_keys(layer_ranges(m), s) for m, s in ((before, "bn_fold"), (after, "bn_fold+relu6_to_relu+cls"))]
+    pd.concat(ranges).to_csv(tmp_path / "ranges.csv", index=False)
+    channels = [_with_keys(channel_stats(m, ["2"]), s) for m, s in ((before, "bn_fold"), (after, "bn_fold+relu6_to_relu+cls"))]
+    pd.concat(channels).to_csv(tmp_path / "channel_ranges.csv", index=False)
+    return tmp_path
+
+
+def _table_rows(markdown: str, title: str) -> list[list[str]]:
+    """Cells of the rows of the table under the heading `title`."""
+    section = markdown.split(title, 1)[1].split("###", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def _assert_real_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = imread(path)
+    assert image.shape[0] > 300 and image.shape[1] > 500
+    assert np.std(image[..., :3]) > 0.05  # not a blank canvas
+
+
+def test_write_report_tables_and_plots(results_dir: Path):
+    written = write_report(results_dir)
+    names = [p.name for p in written]
+    assert names == ["results.md", f"accuracy_{MODEL}.png", f"range_ratio_{MODEL}.png", f"fig2_channel_ranges_{MODEL}.png"]
+    for path in written[1:]:
+        _assert_real_png(path)
+
+    markdown = (results_dir / "results.md").read_text(encoding="utf-8")
+    assert "001234abcdef" in markdown  # a hash with leading zeros stays text
+    assert "200 evaluation images, 64 calibration images" in markdown
+    assert f"## {MODEL} on cifar10" in markdown
+    top1 = _table_rows(markdown, "### Top-1 accuracy (%)")
+    assert [row[0] for row in top1] == [
+        "original", "BN fold", "BN fold + ReLU6→ReLU", "BN fold + ReLU6→ReLU + CLS", "BN fold + ReLU6→ReLU + CLS + HBF",
+    ]
+    assert top1[0] == ["original", "71.50", "10.25 (-61.25)", "9.00 (-62.50)"]
+    assert top1[4] == ["BN fold + ReLU6→ReLU + CLS + HBF", "70.00", "69.50 (-0.50)", "45.12 (-24.88)"]
+    header = markdown.split("### Top-1 accuracy (%)", 1)[1].splitlines()[2]
+    assert [c.strip() for c in header.strip("|").split("|")] == ["Steps", "FP32", *QUANTS]
+    top5 = _table_rows(markdown, "### Top-5 accuracy (%)")
+    assert len(top5) == 5 and top5[0][1:] == ["98.00", "90.00 (-8.00)", "90.00 (-8.00)"]
+
+
+def test_write_report_is_deterministic(results_dir: Path):
+    write_report(results_dir)
+    first = (results_dir / "results.md").read_bytes()
+    write_report(results_dir)
+    assert (results_dir / "results.md").read_bytes() == first
+
+
+def test_partial_results(results_dir: Path):
+    rows = [r for r in _results_rows() if not (r["steps"] == "bn_fold" and r["quant"] == QUANTS[1])]
+    pd.DataFrame(rows).to_csv(results_dir / "results.csv", index=False)
+    (results_dir / "ranges.csv").unlink()
+    (results_dir / "channel_ranges.csv").write_text("")
+    names = [p.name for p in write_report(results_dir)]
+    assert names == ["results.md", f"accuracy_{MODEL}.png"]
+    top1 = _table_rows((results_dir / "results.md").read_text(encoding="utf-8"), "### Top-1 accuracy (%)")
+    assert top1[1] == ["BN fold", "71.50", "11.00 (-60.50)", "—"]
+
+
+def test_repeated_runs_keep_the_last(results_dir: Path):
+    rerun = dict(_results_rows()[0], quant_top1=69.75)
+    pd.DataFrame([*_results_rows(), rerun]).to_csv(results_dir / "results.csv", index=False)
+    write_report(results_dir)
+    markdown = (results_dir / "results.md").read_text(encoding="utf-8")
+    assert "1 repeated run(s)" in markdown
+    assert _table_rows(markdown, "### Top-1 accuracy (%)")[3][2] == "69.75 (-0.25)"
+
+
+def test_fp32_that_differs_between_quant_settings_shows_its_range(results_dir: Path):
+    rows = _results_rows()
+    rows[-1]["fp32_top1"] = 69.5  # e.g. bias correction depends on the quantized weights
+    pd.DataFrame(rows).to_csv(results_dir / "results.csv", index=False)
+    write_report(results_dir)
+    top1 = _table_rows((results_dir / "results.md").read_text(encoding="utf-8"), "### Top-1 accuracy (%)")
+    assert top1[4][1:] == ["69.50–70.00", "69.50 (-0.50)", "45.12 (-24.38)"]
+
+
+def test_missing_or_empty_results_are_clear_errors(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="results directory"):
+        write_report(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="results.csv"):
+        write_report(tmp_path)
+    (tmp_path / "results.csv").write_text("")
+    with pytest.raises(ValueError, match="results.csv is empty"):
+        write_report(tmp_path)
+    (tmp_path / "results.csv").write_text(",".join(RESULTS_COLUMNS) + "\n")
+    with pytest.raises(ValueError, match="no rows"):
+        write_report(tmp_path)
+    pd.DataFrame(_results_rows()).drop(columns=["quant_top5"]).to_csv(tmp_path / "results.csv", index=False)
+    with pytest.raises(ValueError, match="quant_top5"):
+        write_report(tmp_path)
+    pd.DataFrame(_results_rows()).assign(quant_top1="n/a").to_csv(tmp_path / "results.csv", index=False)
+    with pytest.raises(ValueError, match="'quant_top1' must hold numbers"):
+        write_report(tmp_path)
+
+
+def test_step_labels_and_order():
+    assert step_label("none") == "original"
+    assert step_label("bn_fold+relu6_to_relu+cls+hbf+bias_correction") == "BN fold + ReLU6→ReLU + CLS + HBF + BC"
+    shuffled = ["bn_fold+cls_relu6_keep", "bn_fold+relu6_to_relu+cls", "none", "bn_fold+custom", "bn_fold"]
+    assert sorted_steps(shuffled) == [
+        "none", "bn_fold", "bn_fold+relu6_to_relu+cls", "bn_fold+cls_relu6_keep", "bn_fold+custom",
+    ]
+
+
+def test_markdown_table_alignment_and_escaping():
+    table = markdown_table(["name", "value"], [["a|b", "1.00"], ["c", "10.00"]], [False, True])
+    assert table.splitlines() == [
+        "| name | value |",
+        "|:-----|------:|",
+        r"| a\|b |  1.00 |",
+        "| c    | 10.00 |",
+    ]
+
+
+def test_plot_layer_ranges(tmp_path: Path):
+    path = plot_layer_ranges(layer_ranges(_tiny_model(20.0)), tmp_path / "ranges.png", "tiny: range ratio per layer")
+    _assert_real_png(path)
+    with pytest.raises(ValueError, match="range_ratio"):
+        plot_layer_ranges(pd.DataFrame({"layer": ["0"]}), tmp_path / "bad.png", "bad")
