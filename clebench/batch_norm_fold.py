@@ -101,6 +101,13 @@ def fold_given_batch_norms(model: nn.Module, layer_pairs: Sequence[LayerBnPair])
 
 
 def _apply(model: nn.Module, checked: list[tuple[str, nn.Module, nn.Module]], names: dict[nn.Module, str]) -> None:
+    for _, _, bn in checked:  # all checks first, so an error leaves the model unchanged
+        degenerate = int((bn.running_var + bn.eps <= 0).sum())
+        if degenerate:
+            raise ValueError(
+                f"cannot fold {names[bn]}: running_var + eps <= 0 in {degenerate} channel(s), so the BN divides by zero; "
+                "give the BN a positive eps or fix its statistics"
+            )
     for direction, layer, bn in checked:
         if direction == "backward":
             fold_backward(layer, bn)
@@ -125,6 +132,7 @@ def fold_all_batch_norms(
     gm = graph.trace(model)
     folds = graph.find_bn_folds(gm)
     modules = dict(gm.named_modules())
+    folds = _drop_linear_folds_on_sequences(gm, folds, modules, input_shapes, dummy_input)
     names = {module: name for name, module in modules.items()}
     checked = [("backward", modules[layer], modules[bn]) for layer, bn in folds.backward]
     checked += [("forward", modules[layer], modules[bn]) for bn, layer in folds.forward]
@@ -132,6 +140,30 @@ def fold_all_batch_norms(
     return [(modules[layer], modules[bn]) for layer, bn in folds.backward] + [
         (modules[bn], modules[layer]) for bn, layer in folds.forward
     ]
+
+
+def _drop_linear_folds_on_sequences(gm, folds: graph.BnFolds, modules, input_shapes, dummy_input) -> graph.BnFolds:
+    """Keep Linear <-> BatchNorm1d folds only where the tensor between them is [N, C].
+
+    On [N, L, C] inputs a Linear acts on the last axis but BatchNorm1d on axis 1, so folding would be wrong. The
+    rank is known only from an example input; without one, [N, C] is assumed (the classifier-head case).
+    """
+    linear_pairs = [pair for pair in folds.backward + folds.forward if any(isinstance(modules[n], nn.Linear) for n in pair)]
+    if not linear_pairs or (dummy_input is None and input_shapes is None):
+        return folds
+    ranks = graph.output_ranks(gm, _example_inputs(gm, input_shapes, dummy_input))
+    bn_names = {name for pair in linear_pairs for name in pair if isinstance(modules[name], layers.BN_TYPES)}
+    wrong = {name for name in bn_names if ranks.get(name) != 2}
+    keep = lambda pair: not (set(pair) & wrong)  # noqa: E731
+    return graph.BnFolds([p for p in folds.backward if keep(p)], [p for p in folds.forward if keep(p)])
+
+
+def _example_inputs(gm, input_shapes, dummy_input) -> tuple[torch.Tensor, ...]:
+    if dummy_input is not None:
+        return tuple(dummy_input) if isinstance(dummy_input, (tuple, list)) else (dummy_input,)
+    device = next(gm.parameters()).device
+    shapes = [input_shapes] if isinstance(input_shapes[0], int) else list(input_shapes)
+    return tuple(torch.randn(*shape, device=device) for shape in shapes)
 
 
 def _check_inputs(input_shapes, dummy_input) -> None:

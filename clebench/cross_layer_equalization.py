@@ -69,7 +69,7 @@ def scale_pair(layer1: nn.Module, layer2: nn.Module) -> torch.Tensor:
     """Equalize layer1's output ranges with layer2's input ranges in place; return s (shape [C])."""
     r1 = layers.channel_abs_max(layer1.weight, layers.output_axis(layer1))
     r2 = layers.channel_abs_max(layer2.weight, layers.input_axis(layer2))
-    s = _finite_or_one(torch.sqrt(r1 / r2))
+    s = _finite_or_one(torch.sqrt(r1) / torch.sqrt(r2))  # not sqrt(r1 / r2): the ratio can overflow float32
     layers.scale_output_channels(layer1, 1.0 / s)
     layers.scale_input_channels(layer2, s)
     return s
@@ -80,9 +80,9 @@ def scale_triple(layer1: nn.Module, depthwise: nn.Module, layer3: nn.Module) -> 
     r1 = layers.channel_abs_max(layer1.weight, layers.output_axis(layer1))
     r2 = layers.channel_abs_max(depthwise.weight, 0)
     r3 = layers.channel_abs_max(layer3.weight, layers.input_axis(layer3))
-    cube_root = torch.pow(r1 * r2 * r3, 1.0 / 3.0)
-    s12 = _finite_or_one(r1 / cube_root)
-    s23 = _finite_or_one(cube_root / r3)
+    c1, c2, c3 = (torch.pow(r, 1.0 / 3.0) for r in (r1, r2, r3))  # per factor: r1 * r2 * r3 can overflow float32
+    s12 = _finite_or_one(c1 * (c1 / c2) / c3)  # r1 / cbrt(r1 r2 r3)
+    s23 = _finite_or_one(c1 * (c2 / c3) / c3)  # cbrt(r1 r2 r3) / r3
     layers.scale_output_channels(layer1, 1.0 / s12)
     layers.scale_output_channels(depthwise, 1.0 / s23)  # weight and bias / S23 ...
     layers.scale_input_channels(depthwise, s12)  # ... and weight * S12

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from clebench import layers
@@ -30,6 +31,7 @@ Relu6Policy = Literal["replace", "keep", "clip"]
 RELU6_POLICIES: tuple[str, ...] = ("replace", "keep", "clip")
 LEAF_TYPES = layers.LAYER_TYPES + layers.BN_TYPES + RELU_MODULES + (nn.Hardtanh, ChannelClippedReLU)
 TRANSPARENT_TYPES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+TRANSPARENT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
 
 
 class UntraceableModelError(ValueError):
@@ -74,6 +76,25 @@ def call_sites(gm: fx.GraphModule) -> Counter:
     return Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
 
 
+def single_use_modules(gm: fx.GraphModule) -> set[str]:
+    """Modules called at exactly one graph node whose parameters belong to no other module.
+
+    Editing any other module (one reused at several call sites, or one with weights tied to another module's)
+    would change more than the one place in the graph that an edit is meant for.
+    """
+    owners: dict[int, int] = Counter()
+    for _, module in gm.named_modules(remove_duplicate=False):
+        for parameter in module._parameters.values():
+            if parameter is not None:
+                owners[id(parameter)] += 1
+    tied = {
+        name
+        for name, module in gm.named_modules()
+        if any(p is not None and owners[id(p)] > 1 for p in module._parameters.values())
+    }
+    return {name for name, count in call_sites(gm).items() if count == 1 and name not in tied}
+
+
 def module_of(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
     return modules.get(node.target) if node.op == "call_module" else None
 
@@ -97,6 +118,8 @@ def activation_kind(node: fx.Node, modules: dict[str, nn.Module]) -> Literal["re
 
 def is_transparent(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Identity-like in eval mode and channel-wise positive-homogeneous: CLS may look through it."""
+    if node.op == "call_function" and node.target in TRANSPARENT_FUNCTIONS:
+        return True
     return isinstance(module_of(node, modules), TRANSPARENT_TYPES)
 
 
@@ -149,8 +172,8 @@ def find_bn_folds(gm: fx.GraphModule) -> BnFolds:
     Modules called at more than one place are skipped: folding would change the other call sites too.
     """
     modules = dict(gm.named_modules())
-    sites = call_sites(gm)
-    single = lambda node: node.op == "call_module" and sites[node.target] == 1  # noqa: E731
+    single_use = single_use_modules(gm)
+    single = lambda node: node.op == "call_module" and node.target in single_use  # noqa: E731
     backward, folded = [], set()
     for node in gm.graph.nodes:
         layer = module_of(node, modules)
@@ -190,14 +213,14 @@ class Hop:
     activations: tuple[fx.Node, ...]
 
 
-def _next_hop(node: fx.Node, modules: dict[str, nn.Module], sites: Counter, relu6: Relu6Policy) -> Hop | None:
+def _next_hop(node: fx.Node, modules: dict[str, nn.Module], single_use: set[str], relu6: Relu6Policy) -> Hop | None:
     layer = modules[node.target]
     activations = []
     current = node
     while (user := _sole_user(current)) is not None:
         candidate = module_of(user, modules)
         if is_scalable(candidate):
-            if sites[user.target] != 1 or isinstance(layer, nn.Linear) != isinstance(candidate, nn.Linear):
+            if user.target not in single_use or isinstance(layer, nn.Linear) != isinstance(candidate, nn.Linear):
                 return None  # shared weights, or a Linear reading a conv's last (spatial) axis
             if layers.in_channels(candidate) != layers.out_channels(layer):
                 return None
@@ -220,11 +243,11 @@ def find_cls_chains(gm: fx.GraphModule, relu6: Relu6Policy = "keep") -> list[lis
     if relu6 not in RELU6_POLICIES:
         raise ValueError(f"relu6 policy must be one of {RELU6_POLICIES}, got {relu6!r}")
     modules = dict(gm.named_modules())
-    sites = call_sites(gm)
+    single_use = single_use_modules(gm)
     hops: dict[str, Hop] = {}
     for node in gm.graph.nodes:
-        if node.op == "call_module" and sites[node.target] == 1 and is_scalable(modules[node.target]):
-            hop = _next_hop(node, modules, sites, relu6)
+        if node.op == "call_module" and node.target in single_use and is_scalable(modules[node.target]):
+            hop = _next_hop(node, modules, single_use, relu6)
             if hop is not None:
                 hops[hop.layer] = hop
     heads = set(hops) - {hop.next_layer for hop in hops.values()}
@@ -255,6 +278,28 @@ def chain_to_cls_sets(chain: list[Hop], modules: dict[str, nn.Module]) -> list[t
             sets.append((chain[i],))
             i += 1
     return sets
+
+
+def output_ranks(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> dict[str, int]:
+    """Rank of each call_module node's output tensor (by module name), from one eval-mode forward pass."""
+    ranks: dict[str, int] = {}
+
+    def record(name: str):
+        def hook(module, args, output) -> None:
+            ranks[name] = output.dim()
+
+        return hook
+
+    hooks = [module.register_forward_hook(record(name)) for name, module in gm.named_modules() if isinstance(module, LEAF_TYPES)]
+    was_training = gm.training
+    try:
+        with torch.no_grad():
+            gm.eval()(*inputs)
+    finally:
+        gm.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return ranks
 
 
 def set_submodule(root: nn.Module, qualified_name: str, module: nn.Module) -> None:
@@ -297,12 +342,18 @@ def prepare_model(model: nn.Module) -> fx.GraphModule:
 
 
 def _activation_module(node: fx.Node) -> nn.Module | None:
-    if node.target in (torch.relu, torch.relu_, torch.nn.functional.relu):
-        return nn.ReLU()
+    """The module equivalent of a functional ReLU / ReLU6 / hardtanh(0, m) call, keeping its in-place flag."""
+    inplace = node.target in (torch.relu_, F.hardtanh_) or bool(node.kwargs.get("inplace", False))
+    if node.target in (torch.relu, torch.relu_, F.relu):
+        inplace = inplace or (len(node.args) > 1 and bool(node.args[1]))
+        return nn.ReLU(inplace=inplace)
     bound = functional_relu6_bound(node.target, node.args, node.kwargs)
     if bound is None:
         return None  # functional PReLU keeps its weight node; leave it functional
-    return nn.ReLU6() if bound == 6.0 else nn.Hardtanh(0.0, bound)
+    positional_inplace = {F.relu6: 1, F.hardtanh: 3}.get(node.target)
+    if positional_inplace is not None and len(node.args) > positional_inplace:
+        inplace = inplace or bool(node.args[positional_inplace])
+    return nn.ReLU6(inplace=inplace) if bound == 6.0 else nn.Hardtanh(0.0, bound, inplace=inplace)
 
 
 def _free_name(gm: fx.GraphModule, base: str) -> str:
