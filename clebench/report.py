@@ -280,10 +280,11 @@ def plot_range_ratios(ranges: pd.DataFrame, path: Path, model: str) -> Path:
 def plot_channel_ranges(channels: pd.DataFrame, path: Path, model: str) -> Path:
     """The paper's Fig. 2: box per output channel (whiskers min / max, box q1 / q3, median line) of one model.
 
-    One row of panels per layer, one column per step prefix, all on the same y axis.
+    One row of panels per layer, one column per compared step prefix (BN folded, then each cross-layer-scaling
+    variant; prefixes that leave the weights as they were add nothing), all on the same y axis.
     """
     layer_names = list(dict.fromkeys(channels["layer"]))
-    prefixes = sorted_steps(channels["steps"])
+    prefixes = range_ratio_prefixes(list(dict.fromkeys(channels["steps"])))
     n_channels = int(channels.groupby(["layer", "steps"]).size().max())
     panel_width = min(max(4.0, 0.12 * n_channels + 1.5), 12.0)
     figure = Figure(figsize=(panel_width * len(prefixes), 3.6 * len(layer_names) + 0.6), layout="constrained")

@@ -216,9 +216,10 @@ class Sweep:
         model = state.model
         if correction is not None:
             corrected = copy.deepcopy(state)
+            method = steps.BIAS_CORRECTION_STEPS[correction]
             correct_bias(
-                corrected.model, quant, bn_map=corrected.bn_map, cls_set_infos=corrected.cls_infos,
-                method=steps.BIAS_CORRECTION_STEPS[correction], batches=calibration,
+                corrected.model, quant, bn_map=corrected.bn_map, cls_set_infos=corrected.cls_infos, method=method,
+                batches=calibration if method == "empirical" else None,
             )
             model = corrected.model
         sim = QuantSim(model, calibration[0][0][:1], quant)
