@@ -45,7 +45,7 @@ def fold_forward(bn: nn.Module, layer: nn.Module) -> None:
     a, c = _bn_affine(bn)
     with torch.no_grad():
         bias = layers.ensure_bias(layer)
-        bias.add_(layers.weight_sum_over_kernel(layer) @ c)  # response to the constant c, before rescaling W
+        bias.add_(layers.constant_input_response(layer, c))  # the constant part c, before rescaling W
         layers.scale_input_channels(layer, a)
 
 

@@ -9,7 +9,7 @@ A scale that comes out zero, NaN or infinite (a dead channel) is replaced by 1.
 
 High-bias fold of a pair whose layer1 had a BN (gamma, beta) folded into it, both layers with bias:
     gamma, beta /= s;  c = max(0, beta - 3 |gamma|) with a ReLU/PReLU between, else c = beta
-    b1 -= c;  b2 += (W2 summed over its kernel) @ c   (element-wise for a depthwise layer2)
+    b1 -= c;  b2 += (W2 summed over its kernel) @ c   (element-wise for a depthwise layer2; / stride^d if transposed)
 Under the ReLU6 `clip` policy the activation is clamp(x, 0, u) per channel; then c <= u as well and the bound
 becomes u - c, which keeps clamp exact wherever x >= c (see `HighBiasFold`).
 """
@@ -247,8 +247,7 @@ def _fold_pair_bias(pair: ClsSetInfo.ClsSetLayerPairInfo, bn: nn.Module) -> None
             absorbed = torch.minimum(absorbed, pair.clip.upper)
             pair.clip.upper.sub_(absorbed)
         bias1.sub_(absorbed)
-        response = layers.weight_sum_over_kernel(layer2)
-        layer2.bias.add_(response * absorbed if layers.is_depthwise(layer2) else response @ absorbed)
+        layer2.bias.add_(layers.constant_input_response(layer2, absorbed))
     pair.absorbed_bias = absorbed
 
 

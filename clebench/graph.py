@@ -130,7 +130,7 @@ def _only_input(node: fx.Node) -> fx.Node | None:
     return inputs[0] if len(inputs) == 1 else None
 
 
-def _sole_user(node: fx.Node) -> fx.Node | None:
+def sole_user(node: fx.Node) -> fx.Node | None:
     """The one node that consumes `node` (and nothing else), else None."""
     if len(node.users) != 1:
         return None
@@ -179,7 +179,7 @@ def find_bn_folds(gm: fx.GraphModule) -> BnFolds:
         layer = module_of(node, modules)
         if not (single(node) and layers.is_layer(layer)):
             continue
-        user = _sole_user(node)
+        user = sole_user(node)
         if user is not None and single(user) and _matching_bn(layer, modules.get(user.target)):
             if modules[user.target].num_features == layers.out_channels(layer):
                 backward.append((node.target, user.target))
@@ -189,7 +189,7 @@ def find_bn_folds(gm: fx.GraphModule) -> BnFolds:
         bn = module_of(node, modules)
         if not (single(node) and isinstance(bn, layers.BN_TYPES)) or node.target in folded:
             continue
-        user = _sole_user(node)
+        user = sole_user(node)
         layer = module_of(user, modules) if user is not None else None
         if layer is not None and single(user) and layers.is_layer(layer) and forward_foldable(layer):
             if _matching_bn(layer, bn) and bn.num_features == layers.in_channels(layer):
@@ -217,7 +217,7 @@ def _next_hop(node: fx.Node, modules: dict[str, nn.Module], single_use: set[str]
     layer = modules[node.target]
     activations = []
     current = node
-    while (user := _sole_user(current)) is not None:
+    while (user := sole_user(current)) is not None:
         candidate = module_of(user, modules)
         if is_scalable(candidate):
             if user.target not in single_use or isinstance(layer, nn.Linear) != isinstance(candidate, nn.Linear):

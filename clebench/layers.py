@@ -92,13 +92,23 @@ def scale_input_channels(layer: Layer, scale: torch.Tensor) -> None:
         layer.weight.mul_(along(scale, input_axis(layer), layer.weight.dim()))
 
 
-def weight_sum_over_kernel(layer: Layer) -> torch.Tensor:
-    """The layer's response to a constant input of 1 per channel: [out, in] (for depthwise: [C])."""
-    weight = layer.weight.detach()
-    if is_depthwise(layer):
-        return weight.flatten(1).sum(1)
-    matrix = weight.flatten(2).sum(2) if weight.dim() > 2 else weight
-    return matrix.t() if isinstance(layer, CONV_TRANSPOSE_TYPES) else matrix
+def constant_input_response(layer: Layer, channel_values: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Output per channel [out] of `layer` (bias left out) for an input that is constant per channel, away from borders.
+
+    channel_values: [in]. `weight` (shaped like layer.weight) replaces the layer's own weight, e.g. by a weight error.
+    A conv's every output sees each kernel tap once: the kernel sum. A transposed conv with stride s spreads the
+    taps over s^d output phases, so its mean output is the kernel sum / s^d.
+    """
+    weight = layer.weight.detach() if weight is None else weight
+    if isinstance(layer, nn.Linear):
+        return weight @ channel_values
+    kernel_sum = weight.flatten(2).sum(2)  # conv: [out, in / g]; transposed: [in, out / g]
+    g = layer.groups
+    if isinstance(layer, CONV_TRANSPOSE_TYPES):
+        per_group = kernel_sum.view(g, -1, kernel_sum.shape[1]).transpose(1, 2) / math.prod(layer.stride)
+    else:
+        per_group = kernel_sum.view(g, -1, kernel_sum.shape[1])  # [g, out / g, in / g]
+    return torch.bmm(per_group, channel_values.view(g, -1, 1)).flatten()
 
 
 def ensure_bias(layer: Layer) -> torch.Tensor:

@@ -1,0 +1,64 @@
+"""Top-1 / top-5 accuracy of a classifier over a loader of (images, labels) batches."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+TOP_K = (1, 5)
+
+
+def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu", *, progress: bool = True,
+             desc: str | None = None) -> dict:
+    """{"top1": %, "top5": %, "n": images} of `model` (moved to `device`, run in eval mode) on `loader`.
+
+    loader yields (inputs [B, ...], int labels [B]); the model must return logits [B, classes]. With fewer than
+    5 classes, top-5 counts all of them. The model's train/eval mode is restored afterwards.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    was_training = model.training
+    model.to(device).eval()
+    correct = dict.fromkeys(TOP_K, 0)
+    seen = 0
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(loader, desc=desc or "evaluating", unit="batch", disable=not progress):
+                inputs, labels = _split(batch)
+                logits = model(inputs.to(device))
+                labels = labels.to(logits.device)
+                _check(logits, labels)
+                ranked = logits.topk(min(max(TOP_K), logits.shape[1]), dim=1).indices
+                hits = ranked == labels.view(-1, 1)
+                for k in TOP_K:
+                    correct[k] += int(hits[:, :k].any(dim=1).sum())
+                seen += len(labels)
+    finally:
+        model.train(was_training)
+    if not seen:
+        raise ValueError("the loader yielded no images: evaluate needs at least one (inputs, labels) batch")
+    return {"top1": 100.0 * correct[1] / seen, "top5": 100.0 * correct[5] / seen, "n": seen}
+
+
+def _split(batch: object) -> tuple[torch.Tensor, torch.Tensor]:
+    pair = isinstance(batch, (tuple, list)) and len(batch) >= 2
+    if not (pair and torch.is_tensor(batch[0]) and torch.is_tensor(batch[1])):
+        raise TypeError(f"each batch must be an (inputs, labels) pair of tensors, got {type(batch).__name__}")
+    return batch[0], batch[1]
+
+
+def _check(logits: object, labels: torch.Tensor) -> None:
+    if not torch.is_tensor(logits) or logits.dim() != 2:
+        shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
+        raise ValueError(f"the model must return logits of shape [batch, classes], got {shape}")
+    if labels.dim() != 1 or len(labels) != len(logits) or labels.is_floating_point():
+        raise ValueError(
+            f"labels must be integer class indices of shape [{len(logits)}], got {labels.dtype} {tuple(labels.shape)}"
+        )
+    if len(labels) and (labels.min() < 0 or labels.max() >= logits.shape[1]):
+        raise ValueError(
+            f"labels range over [{int(labels.min())}, {int(labels.max())}] but the model has {logits.shape[1]} "
+            "classes: are the model and the data set's label spaces the same?"
+        )
