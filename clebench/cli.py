@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--models-dir", help="folder holding <model>.pt checkpoints (default: $CLEBENCH_MODELS)")
     sweep.add_argument("--device", type=device_name, default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     sweep.add_argument("--limit", type=positive_int, help="evaluate on this many class-balanced images (overrides data.limit)")
+    sweep.add_argument("--models", nargs="+", metavar="NAME", help="run only these of the config's models")
     sweep.add_argument("--out", type=Path, help="results folder (default: runs/<config name>); re-running resumes it")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -92,6 +93,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.limit is not None:
         config = config.with_limit(args.limit)
+    if args.models:
+        config = config.with_models(args.models)
     out = args.out or Path("runs") / args.config.stem
     command = "clebench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     sweep = Sweep(config, out, data_root=args.data_root, models_dir=args.models_dir, device=args.device,

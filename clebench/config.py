@@ -80,6 +80,14 @@ class SweepConfig:
         """12 hex characters identifying everything that changes the numbers."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
+    def with_models(self, names: list[str]) -> SweepConfig:
+        """The same sweep restricted to some of its models (e.g. to split it across machines)."""
+        known = [spec.name for spec in self.models]
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise ConfigError(f"--models {', '.join(unknown)}: not in the config's models ({', '.join(known)})")
+        return replace(self, models=tuple(spec for spec in self.models if spec.name in names))
+
     def with_limit(self, limit: int | None) -> SweepConfig:
         return replace(self, data=replace(self.data, limit=_positive_int(limit, "data.limit", allow_none=True)))
 

@@ -138,7 +138,7 @@ def channel_stats(model: nn.Module, layer_names: list[str]) -> pd.DataFrame:
     for name in layer_names:
         layer = _get_layer(model, name)
         _checked_weight(name, layer)
-        rows = output_channel_rows(layer).double().numpy()
+        rows = output_channel_rows(layer).double().cpu().numpy()
         quantiles = np.quantile(rows, [0.0, 0.25, 0.5, 0.75, 1.0], axis=1)  # [5, out_channels]
         frame = pd.DataFrame(dict(zip(CHANNEL_COLUMNS[2:], quantiles)))
         frame.insert(0, "channel", np.arange(rows.shape[0]))

@@ -139,10 +139,13 @@ def test_weight_shared_layers_are_left_alone():
 def test_equalize_model_on_cuda_keeps_everything_on_the_device():
     import torchvision
 
+    torch.backends.cudnn.allow_tf32 = False  # compare GPU and CPU arithmetic, not TF32 rounding
     model = randomize_batch_norms(torchvision.models.mobilenet_v2()).cuda()
     reference = copy.deepcopy(model).cpu()
     x = torch.randn(2, 3, 64, 64)
     equalize_model(model, dummy_input=x.cuda(), relu6="keep")
     equalize_model(reference, dummy_input=x, relu6="keep")
     assert all(p.is_cuda for p in model.parameters())
+    for (name, on_gpu), on_cpu in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-5, atol=1e-6, msg=name)
     assert relative_error(model(x.cuda()).cpu(), reference(x)) < 1e-4
