@@ -1,0 +1,248 @@
+"""What compare_aimet.py and bench_peers.py share: the optional AIMET peer, the models, the images and the two
+quantization simulators set up the same way.
+
+AIMET (`aimet-torch`, pip extra `bench`) is imported only here and only on demand, so the scripts still run their
+clebench / torch.ao parts in an environment without it.
+
+Both simulators get a BN-folded FP32 model and per-tensor min/max ("tf") encodings: symmetric signed weights,
+asymmetric unsigned activations, float biases. AIMET 2.42 is set up the way its own PTQ guide does it:
+`model_preparer.prepare_model` (turns functional adds into modules and gives each call of a reused module -- the
+ReLU torchvision's BasicBlock calls twice -- its own module; without it the block's second ReLU output and the
+residual add get no quantizer), then `batch_norm_fold.fold_all_batch_norms` (without it, QuantizationSimModel keeps
+each BN as a float op and quantizes the unfolded conv weight), then QuantizationSimModel with the per-tensor
+`default_config.json` shipped in the package (AIMET 2.x's default config file is the per-channel one).
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.metadata
+import logging
+import os
+import platform
+import sys
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torchvision
+from torch import nn
+
+from clebench import utils
+from clebench.batch_norm_fold import fold_all_batch_norms
+from clebench.data import ImageSet, batches, load_images
+from clebench.models import load_model, model_preprocessing
+from clebench.models.preprocessing import IMAGENET_PREPROCESSING, Preprocessing
+from clebench.quant import QuantConfig, QuantSim
+
+CIFAR_MODELS = ("resnet18_cifar10", "mobilenet_v2_cifar10")
+IMAGENET_SHAPE_MODELS = ("resnet18", "mobilenet_v2")  # torchvision, random weights, randomized BN statistics
+CIFAR_SHAPE = (1, 3, 32, 32)
+IMAGENET_SHAPE = (1, 3, 224, 224)
+CALIBRATION_IMAGES = 512
+AIMET_INSTALL_HINT = (
+    'AIMET is not installed for this Python ({python}): install the peer with pip install -e ".[bench]" '
+    "(or run the script with a Python that has aimet-torch, e.g. /opt/aimetenv/bin/python)"
+)
+AIMET_PER_TENSOR_CONFIG = "default_config.json"  # in aimet_torch/common/quantsim_config/
+# Warnings AIMET 2.42 triggers on every graph build or calibration; `load_aimet` silences them for the process.
+AIMET_WARNINGS = (r"`torch\.jit\.trace(_method)?` is deprecated", r"To copy construct from a tensor")
+
+
+def aimet_missing_message() -> str:
+    return AIMET_INSTALL_HINT.format(python=sys.executable)
+
+
+def load_aimet() -> SimpleNamespace | None:
+    """AIMET's CLE, BN-fold, model-preparer and QuantSim modules, or None if aimet_torch cannot be imported.
+
+    Also quiets AIMET for the rest of the process: its loggers to ERROR, and the AIMET_WARNINGS filtered out.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            names = ("cross_layer_equalization", "batch_norm_fold", "model_preparer", "quantsim", "nn")
+            modules = {name: importlib.import_module(f"aimet_torch.{name}") for name in names}
+            from aimet_torch.common.utils import AimetLogger
+    except ImportError:
+        return None
+    AimetLogger.set_level_for_all_areas(logging.ERROR)  # AIMET logs graph steps and warnings on every call
+    for noise in AIMET_WARNINGS:
+        warnings.filterwarnings("ignore", message=noise)
+    package = Path(modules["quantsim"].__file__).resolve().parents[1]
+    config = package / "common" / "quantsim_config" / AIMET_PER_TENSOR_CONFIG
+    if not config.is_file():
+        raise FileNotFoundError(f"AIMET's per-tensor quantsim config {config} is missing: reinstall aimet-torch")
+    return SimpleNamespace(**modules, per_tensor_config=str(config), version=importlib.metadata.version("aimet-torch"))
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (platform's answer where that file is absent)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_summary(aimet: SimpleNamespace | None) -> str:
+    """One line naming the CPU, the torch thread count and the library versions."""
+    peer = f"aimet-torch {aimet.version}" if aimet is not None else "aimet-torch missing"
+    return (
+        f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch.set_num_threads({torch.get_num_threads()}), "
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}, {peer}, Python {platform.python_version()}"
+    )
+
+
+def randomized_bn_model(name: str, seed: int = 0) -> nn.Module:
+    """torchvision `name` (ImageNet shape) with seeded random weights and BN statistics / affines a trained net has."""
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(name).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-1.0, 1.0)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-1.0, 1.0)
+    return model
+
+
+def bench_model(name: str, models_dir: str | os.PathLike | None) -> tuple[nn.Module, tuple[int, ...]]:
+    """(model in eval mode, input shape) for a CIFAR checkpoint or an ImageNet-shape torchvision model."""
+    if name in CIFAR_MODELS:
+        return load_model(name, models_dir=models_dir), CIFAR_SHAPE
+    if name in IMAGENET_SHAPE_MODELS:
+        return randomized_bn_model(name), IMAGENET_SHAPE
+    raise ValueError(f"unknown benchmark model {name!r}; choose from {CIFAR_MODELS + IMAGENET_SHAPE_MODELS}")
+
+
+def with_relu(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` with every nn.ReLU6 replaced by nn.ReLU (AIMET >= 2.4 no longer scales across ReLU6)."""
+    model = copy.deepcopy(model)
+    utils.replace_modules_of_type1_with_type2(model, nn.ReLU6, nn.ReLU)
+    return model
+
+
+def sample_images(name: str, data_root: str | os.PathLike | None, count: int) -> tuple[ImageSet, Preprocessing]:
+    """`count` class-balanced real images for model `name`: CIFAR-10 test, or the ImageNet sample (224 px)."""
+    if name in CIFAR_MODELS:
+        preprocessing = model_preprocessing(name)
+        return load_images("cifar10", "test", data_root, preprocessing, limit=count, progress=False), preprocessing
+    images = load_images("imagenet", "imagenet-sample", data_root, IMAGENET_PREPROCESSING, limit=count, progress=False)
+    return images, IMAGENET_PREPROCESSING
+
+
+def cifar_images(name: str, data_root: str | os.PathLike | None, limit: int | None) -> tuple[ImageSet, ImageSet]:
+    """(calibration: the first CALIBRATION_IMAGES train images per class in sorted order, evaluation: test images).
+
+    limit: class-balanced test subset size (None: all 10,000).
+    """
+    preprocessing = model_preprocessing(name)
+    calibration = load_images("cifar10", "train", data_root, preprocessing, limit=CALIBRATION_IMAGES, progress=False)
+    evaluation = load_images("cifar10", "test", data_root, preprocessing, limit=limit, progress=False)
+    return calibration, evaluation
+
+
+def input_batches(image_set: ImageSet, preprocessing: Preprocessing, batch_size: int) -> list[torch.Tensor]:
+    """The normalised images of `image_set` as a list of [B, 3, H, W] tensors."""
+    return [images for images, _ in batches(image_set, batch_size, preprocessing)]
+
+
+def clebench_quantsim(model: nn.Module, calibration: Iterable[torch.Tensor], weight_bits: int, act_bits: int,
+                      input_shape: tuple[int, ...]) -> nn.Module:
+    """clebench's per-tensor min/max W<weight_bits>A<act_bits> simulation of BN-folded `model` (not modified)."""
+    folded = copy.deepcopy(model)
+    fold_all_batch_norms(folded)
+    sim = QuantSim(folded, torch.zeros(input_shape),
+                   QuantConfig(weight_bits=weight_bits, act_bits=act_bits, per_channel=False, calibration="minmax"))
+    sim.calibrate(calibration, progress=False)
+    return sim.model
+
+
+def _drop_depthwise_output_quantizers(sim_model: nn.Module) -> None:
+    """Disable the output quantizer of every depthwise conv (groups == input channels) that AIMET quantizes.
+
+    AIMET's supergroup matcher rejects depthwise convs (`_check_if_conv3d_or_depthwise_conv`), so with the shipped
+    config a depthwise conv -> ReLU6 pair is quantized twice (after the conv and after the ReLU6), while a regular
+    conv -> ReLU6 pair, and clebench for both, quantizes only after the activation.
+    """
+    for module in sim_model.modules():
+        is_depthwise = isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and 1 < module.groups == module.in_channels
+        if is_depthwise and getattr(module, "output_quantizers", [None])[0] is not None:
+            module.output_quantizers[0] = None
+
+
+def _weight_quantized_modules(sim_model: nn.Module) -> list[nn.Module]:
+    return [
+        module for module in sim_model.modules()
+        if "weight" in getattr(module, "param_quantizers", {}) and module.param_quantizers["weight"] is not None
+    ]
+
+
+def _forward_all(model: nn.Module, images: Iterable[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for batch in images:
+            model(batch)
+
+
+def _use_clebench_encoding_rules(aimet: SimpleNamespace, sim_model: nn.Module, calibration: Sequence[torch.Tensor],
+                                 weight_bits: int) -> None:
+    """Give a calibrated AIMET sim clebench's two encoding rules where AIMET 2.42 differs (in place).
+
+    Weights: scale max|w| / (2^(b-1) - 1) instead of max(max / (2^(b-1) - 1), -min / 2^(b-1)); set through the
+    range [-s 2^(b-1), s (2^(b-1) - 1)]. Activations: recalibrated with FP32 weights (AIMET calibrates with the
+    weights already quantized) by detaching the weight quantizers during a second calibration pass.
+    """
+    modules = _weight_quantized_modules(sim_model)
+    half = 2 ** (weight_bits - 1)
+    with torch.no_grad():
+        for module in modules:
+            scale = module.weight.detach().abs().max() / (half - 1)
+            module.param_quantizers["weight"].set_range(-scale * half, scale * (half - 1))
+    weight_quantizers = [module.param_quantizers["weight"] for module in modules]
+    try:
+        for module in modules:
+            module.param_quantizers["weight"] = None
+        with aimet.nn.compute_encodings(sim_model):
+            _forward_all(sim_model, calibration)
+    finally:
+        for module, quantizer in zip(modules, weight_quantizers):
+            module.param_quantizers["weight"] = quantizer
+
+
+def aimet_quantsim(aimet: SimpleNamespace, model: nn.Module, calibration: Sequence[torch.Tensor], weight_bits: int,
+                   act_bits: int, input_shape: tuple[int, ...], *, match_placement: bool = True,
+                   match_encodings: bool = False) -> nn.Module:
+    """AIMET's per-tensor "tf" QuantizationSimModel of `model` (not modified), prepared and BN-folded first.
+
+    match_placement: drop the depthwise-conv output quantizers that AIMET adds and clebench does not (see
+    `_drop_depthwise_output_quantizers`), so that both place quantizers at the same tensors.
+    match_encodings: also adopt clebench's weight-scale and calibration rules (`_use_clebench_encoding_rules`), which
+    leaves only float rounding between the two simulators.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = aimet.model_preparer.prepare_model(copy.deepcopy(model).eval())
+        dummy = torch.zeros(input_shape)
+        aimet.batch_norm_fold.fold_all_batch_norms(prepared, input_shape, dummy_input=dummy)
+        sim = aimet.quantsim.QuantizationSimModel(
+            prepared, dummy, quant_scheme="tf", default_param_bw=weight_bits, default_output_bw=act_bits,
+            config_file=aimet.per_tensor_config,
+        )
+    if match_placement:
+        _drop_depthwise_output_quantizers(sim.model)
+    sim.compute_encodings(_forward_all, calibration)
+    if match_encodings:
+        _use_clebench_encoding_rules(aimet, sim.model, calibration, weight_bits)
+    return sim.model.eval()
+
+
+def aimet_error(error: Exception) -> str:
+    """A one-line record of an AIMET failure for the result tables."""
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    return f"AIMET failed: {type(error).__name__}: {first}"

@@ -1,0 +1,176 @@
+"""Top-1 of clebench's simulated per-tensor min/max quantization against AIMET's QuantizationSimModel.
+
+    /opt/aimetenv/bin/python scripts/compare_aimet.py [--limit 2000] [--weight-bits 8 6 4] [--cle]
+
+For each CIFAR-10 reference checkpoint and each W<b>A8 setting, both simulators calibrate on the same 512 CIFAR-10
+train images (the first files of each class in sorted order) and are evaluated on the same CIFAR-10 test images
+(`--limit`: a class-balanced subset; default all 10,000). Prints model, setting, clebench top-1, AIMET top-1 and
+their difference; exits with status 1 if any |difference| exceeds `--tolerance` (0.5 points) or AIMET fails.
+
+How the two are made to simulate the same network (AIMET 2.42, read from its source and checked on both models):
+* BN: AIMET's QuantizationSimModel does not fold BN. It keeps each BN as a float op after a conv whose *unfolded*
+  weight it quantizes, moves the conv's output quantizer behind the BN, and does not quantize BN parameters. Both
+  tools therefore get a BN-folded model: clebench `fold_all_batch_norms`, AIMET `fold_all_batch_norms` (the two
+  folds agree to ~1e-7 relative).
+* Graph: AIMET places quantizers per module. On the raw torchvision ResNet18 it quantizes neither the residual add
+  (a functional `+=`, no module to hold a quantizer) nor the output of the block's ReLU module, which torchvision
+  calls twice (AIMET leaves that module's one output quantizer off), so every block's activations run unquantized.
+  AIMET's `model_preparer.prepare_model`, which its PTQ guide runs first, makes the add a module and gives each ReLU
+  call its own module; both tools then quantize the same tensors.
+* Placement (per-tensor `default_config.json`): model input, every op output, and weights are quantized; biases are
+  not; supergroups Conv+ReLU/ReLU6, Add+ReLU, Gemm+ReLU quantize only after the activation. clebench's QuantSim places
+  quantizers the same way, with one exception: AIMET's supergroup matcher rejects depthwise convs, so it quantizes a
+  depthwise conv's output *and* the ReLU6 after it (17 extra quantizers in MobileNetV2). `--aimet-placement matched`
+  (default) switches those off; `shipped` keeps them.
+* Encodings: quant_scheme "tf" (min/max), default_param_bw = b, default_output_bw = 8; activations asymmetric unsigned
+  8-bit with 0 on the grid (identical rule in both). Two rules differ and move top-1 by about a point at W4A8:
+  - AIMET's symmetric weight scale is max(max / (2^(b-1) - 1), -min / 2^(b-1)), so it uses the level -2^(b-1) when
+    the negative side dominates; clebench's is max|w| / (2^(b-1) - 1).
+  - AIMET calibrates activation ranges with the weights already quantized; clebench with FP32 weights.
+  `--aimet-encodings matched` gives the AIMET sim clebench's rules for both (a check of the simulation arithmetic
+  itself); the default keeps AIMET's.
+
+`--cle` runs each tool's own `equalize_model` first (ReLU6 -> ReLU in both, as AIMET >= 2.4 no longer does it).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _peers  # noqa: E402  (the scripts' shared helpers live beside them)
+
+from clebench.cross_layer_equalization import equalize_model  # noqa: E402
+from clebench.data import batches  # noqa: E402
+from clebench.evaluation import evaluate  # noqa: E402
+from clebench.models import load_model, model_preprocessing  # noqa: E402
+
+
+@dataclass
+class Comparison:
+    model: str
+    setting: str
+    clebench: float
+    aimet: float | None  # None: AIMET failed (see `error`)
+    error: str = ""
+
+    @property
+    def difference(self) -> float | None:
+        return None if self.aimet is None else self.clebench - self.aimet
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=None, help="data root holding cifar10/ (default: env CLEBENCH_DATA)")
+    parser.add_argument("--models-dir", default=None, help="folder of the CIFAR-10 checkpoints (default: env CLEBENCH_MODELS)")
+    parser.add_argument("--models", nargs="+", default=list(_peers.CIFAR_MODELS), choices=_peers.CIFAR_MODELS)
+    parser.add_argument("--weight-bits", nargs="+", type=int, default=[8, 6, 4], help="weight bit widths (default 8 6 4)")
+    parser.add_argument("--act-bits", type=int, default=8, help="activation bit width (default 8)")
+    parser.add_argument("--limit", type=int, default=None, help="class-balanced test subset size (default: all 10,000)")
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads value")
+    parser.add_argument("--tolerance", type=float, default=0.5, help="largest allowed |top-1 difference| in points")
+    parser.add_argument("--aimet-placement", choices=("matched", "shipped"), default="matched",
+                        help="matched: drop AIMET's extra depthwise-conv output quantizers (default); shipped: keep them")
+    parser.add_argument("--aimet-encodings", choices=("shipped", "matched"), default="shipped",
+                        help="shipped: AIMET's own weight-scale and calibration rules (default); matched: clebench's, "
+                             "which leaves only float rounding between the two")
+    parser.add_argument("--cle", action="store_true", help="equalize with each tool's equalize_model before quantizing")
+    args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be a positive image count, got {args.limit}")
+    if args.threads < 1 or args.batch_size < 1:
+        parser.error("--threads and --batch-size must be positive")
+    bad_bits = [b for b in [*args.weight_bits, args.act_bits] if not 4 <= b <= 16]
+    if bad_bits:
+        parser.error(f"bit widths must lie in [4, 16] (AIMET supports >= 4, clebench <= 16), got {bad_bits}")
+    return args
+
+
+def aimet_equalized(aimet, model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module | str:
+    """An AIMET-equalized copy of `model` with ReLU6 -> ReLU, or the failure."""
+    theirs = _peers.with_relu(model)
+    try:
+        aimet.cross_layer_equalization.equalize_model(theirs, input_shape)
+    except Exception as error:  # recorded in every row of the model
+        return _peers.aimet_error(error)
+    return theirs
+
+
+def aimet_top1(aimet, model: nn.Module | str, calibration: list[torch.Tensor], bits: int, args: argparse.Namespace,
+               top1) -> tuple[float | None, str]:
+    """(AIMET top-1, "") or (None, the failure); `model` is the failure of an earlier AIMET step if it is a str."""
+    if isinstance(model, str):
+        return None, model
+    try:
+        sim = _peers.aimet_quantsim(aimet, model, calibration, bits, args.act_bits, _peers.CIFAR_SHAPE,
+                                    match_placement=args.aimet_placement == "matched",
+                                    match_encodings=args.aimet_encodings == "matched")
+        return top1(sim), ""
+    except Exception as error:  # any AIMET failure is a result to record, not a reason to stop
+        return None, _peers.aimet_error(error)
+
+
+def compare_model(name: str, aimet, args: argparse.Namespace) -> list[Comparison]:
+    preprocessing = model_preprocessing(name)
+    calibration_set, test_set = _peers.cifar_images(name, args.data, args.limit)
+    calibration = _peers.input_batches(calibration_set, preprocessing, args.batch_size)
+    model = load_model(name, models_dir=args.models_dir)
+
+    def top1(network: nn.Module) -> float:
+        return evaluate(network, batches(test_set, args.batch_size, preprocessing), progress=False)["top1"]
+
+    print(f"{name}: FP32 top-1 {top1(model):.2f} on {len(test_set)} test images", flush=True)
+    ours, theirs = model, model
+    if args.cle:
+        ours = copy.deepcopy(model)
+        equalize_model(ours, _peers.CIFAR_SHAPE)
+        theirs = aimet_equalized(aimet, model, _peers.CIFAR_SHAPE)
+    results = []
+    for bits in args.weight_bits:
+        setting = f"W{bits}A{args.act_bits}{' +CLE' if args.cle else ''}"
+        clebench_top1 = top1(_peers.clebench_quantsim(ours, calibration, bits, args.act_bits, _peers.CIFAR_SHAPE))
+        result = Comparison(name, setting, clebench_top1, *aimet_top1(aimet, theirs, calibration, bits, args, top1))
+        print(format_row(result), flush=True)
+        results.append(result)
+    return results
+
+
+def format_row(result: Comparison) -> str:
+    if result.aimet is None:
+        return f"{result.model:<22} {result.setting:<10} {result.clebench:>9.2f} {'-':>9} {'-':>7}  {result.error}"
+    return f"{result.model:<22} {result.setting:<10} {result.clebench:>9.2f} {result.aimet:>9.2f} {result.difference:>+7.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    aimet = _peers.load_aimet()
+    if aimet is None:
+        raise SystemExit(_peers.aimet_missing_message())
+    print(f"# {_peers.machine_summary(aimet)}")
+    print(f"# AIMET config {aimet.per_tensor_config}, quant_scheme 'tf', placement {args.aimet_placement}, "
+          f"encodings {args.aimet_encodings}; calibration {_peers.CALIBRATION_IMAGES} CIFAR-10 train images")
+    print(f"{'model':<22} {'setting':<10} {'clebench':>9} {'AIMET':>9} {'diff':>7}")
+    try:
+        results = [row for name in args.models for row in compare_model(name, aimet, args)]
+    except FileNotFoundError as error:  # data or checkpoints not where the arguments / environment say
+        raise SystemExit(f"error: {error}") from None
+    failed = [r for r in results if r.aimet is None]
+    off = [r for r in results if r.difference is not None and abs(r.difference) > args.tolerance]
+    for r in off:
+        print(f"DISAGREE: {r.model} {r.setting}: clebench {r.clebench:.2f} vs AIMET {r.aimet:.2f} "
+              f"(|{r.difference:+.2f}| > {args.tolerance})")
+    for r in failed:
+        print(f"NOT COMPARED: {r.model} {r.setting}: {r.error}")
+    return 1 if off or failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
