@@ -23,6 +23,17 @@ def randomize_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+class DataDependent(nn.Module):
+    """A model torch.fx cannot trace: its forward branches on a tensor value."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return self.conv(x) if x.sum() > 0 else x
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected|."""
     return ((actual - expected).abs().max() / expected.abs().max()).item()

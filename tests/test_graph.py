@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_batch_norms, relative_error
+from conftest import DataDependent, randomize_batch_norms, relative_error
 from torch import nn
 
 from clebench import graph
@@ -105,14 +105,6 @@ def test_data_parallel_wrapper_is_unwrapped():
 
 
 def test_untraceable_model_names_manual_mode():
-    class DataDependent(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 3, 1)
-
-        def forward(self, x):
-            return self.conv(x) if x.sum() > 0 else x
-
     with pytest.raises(graph.UntraceableModelError, match="manual mode.*fold_given_batch_norms.*scale_cls_sets"):
         equalize_model(DataDependent(), (1, 3, 4, 4))
 

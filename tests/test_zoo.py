@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DataDependent
 from torch import nn
 
 from clebench import cross_layer_equalization, graph, layers
@@ -88,14 +89,6 @@ def test_reference_links_follow_functional_ops_and_stop_at_shared_values():
 
 
 def test_untraceable_model_is_reported_with_the_documented_error():
-    class DataDependent(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 3, 1)
-
-        def forward(self, x):
-            return self.conv(x) if x.sum() > 0 else x
-
     result = zoo_coverage.check(DataDependent().eval(), "data_dependent", 8)
     assert result.status == "untraceable (clear error)" and not result.traceable and result.problems == []
     assert "manual mode" in result.error and "fold_given_batch_norms" in result.error
