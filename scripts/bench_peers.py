@@ -493,7 +493,7 @@ def main(argv: list[str] | None = None) -> None:
         frame.insert(0, "section", name)
         frame["machine"], frame["date"] = machine, date
         wide, targets = section_tables(frame)
-        print(wide.to_string(index=False, formatters=dict.fromkeys(tools_of(wide), format_value)))
+        print(wide.to_string(index=False, na_rep="-", formatters=dict.fromkeys(tools_of(wide), format_value)))
         for target in targets.itertuples():
             print(f"  target {target.model}: {target.measure}: {format_value(target.value)} {target.unit} -- {target.note}")
         frames.append(frame)
