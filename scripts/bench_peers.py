@@ -7,6 +7,7 @@ Sections (each one function, registered in SECTIONS):
   statistics, input (1, 3, 224, 224)) and on the two CIFAR-10 checkpoints (input (1, 3, 32, 32)). "first call" is the
   call in a fresh process (graph tracing and any lazy set-up included; imports and model building excluded), median
   over `--fresh-runs` processes; "repeated call" is the median of `--repeats` further calls, each on a fresh deep copy.
+  Garbage is collected before, and collection held off during, every timed call (as timeit does).
   clebench: `equalize_model(model, shape)` (BN fold, ReLU6 -> ReLU, CLS, high-bias fold). AIMET: its `equalize_model`
   on a copy whose ReLU6s are already ReLUs (AIMET >= 2.4 warns and leaves conv -> ReLU6 -> conv unscaled).
   torch.ao: `equalize(model, pairs, threshold=1e-4)` (iterates pairwise scaling to convergence; no BN fold, no
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import gc
 import json
 import math
 import shlex
@@ -144,10 +146,7 @@ def first_call_child(tool: str, model_name: str, args: argparse.Namespace) -> No
     if tool == "aimet" and aimet is None:
         raise SystemExit(_peers.aimet_missing_message())
     model, shape = _peers.bench_model(model_name, args.models_dir)
-    call = cle_call_factory(tool, model, shape, aimet)()
-    start = time.perf_counter()
-    call()
-    print(json.dumps({"seconds": time.perf_counter() - start}))
+    print(json.dumps({"seconds": _timed(cle_call_factory(tool, model, shape, aimet)())}))
 
 
 def first_call_seconds(tool: str, model_name: str, args: argparse.Namespace) -> float:
@@ -175,9 +174,15 @@ def time_cle(tool: str, model_name: str, bench: Bench) -> tuple[float, float]:
 
 
 def _timed(call: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
+    """Seconds one call takes, with garbage collection done before and held off during it (as timeit does)."""
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        call()
+        return time.perf_counter() - start
+    finally:
+        gc.enable()
 
 
 def section_cle_time(bench: Bench) -> SectionResult:
@@ -398,6 +403,12 @@ def section_tables(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return (wide if wide["note"].any() else wide.drop(columns="note")), targets
 
 
+def target_line(target) -> str:
+    """'<model>: <target>: <value> <unit> -- met|MISSED' for a target row (a namedtuple from itertuples)."""
+    value = ("yes" if target.value else "no") if target.unit == "bool" else f"{format_value(target.value)} {target.unit}"
+    return f"{target.model}: {target.measure}: {value} -- {target.note}"
+
+
 def tools_of(wide: pd.DataFrame) -> list[str]:
     """The value columns of a section table (one per tool)."""
     return [c for c in wide.columns if c not in ("model", "measure", "unit", "note")]
@@ -419,7 +430,7 @@ def render(frame: pd.DataFrame) -> str:
                   markdown_table(wide), ""]
         if len(targets):
             parts += ["Targets:", ""] + [
-                f"- {t.model}: {t.measure}: {format_value(t.value)} {t.unit} -- {t.note}" for t in targets.itertuples()
+                f"- {target_line(t)}" for t in targets.itertuples()
             ] + [""]
     return "\n".join(parts)
 
@@ -432,7 +443,9 @@ def write_results(rows: pd.DataFrame, out: Path) -> None:
         old = pd.read_csv(csv_path, keep_default_na=False, na_values=[""], dtype={"note": str})
         old["note"] = old["note"].fillna("")
         rows = pd.concat([old[~old["section"].isin(set(rows["section"]))], rows], ignore_index=True)
-    rows = rows[list(CSV_COLUMNS)]
+    order = {name: index for index, name in enumerate(SECTIONS)}  # sections in registry order, unknown ones last
+    rows = rows.sort_values("section", key=lambda column: column.map(lambda name: order.get(name, len(order))),
+                            kind="stable")[list(CSV_COLUMNS)]
     rows.to_csv(csv_path, index=False)
     (out / "peers.md").write_text(render(rows))
     print(f"wrote {csv_path} and {out / 'peers.md'}")
@@ -495,7 +508,7 @@ def main(argv: list[str] | None = None) -> None:
         wide, targets = section_tables(frame)
         print(wide.to_string(index=False, na_rep="-", formatters=dict.fromkeys(tools_of(wide), format_value)))
         for target in targets.itertuples():
-            print(f"  target {target.model}: {target.measure}: {format_value(target.value)} {target.unit} -- {target.note}")
+            print(f"  target {target_line(target)}")
         frames.append(frame)
     if frames:
         write_results(pd.concat(frames, ignore_index=True), args.out)
