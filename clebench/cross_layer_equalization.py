@@ -266,7 +266,10 @@ def equalize_model(
     `clebench.graph.prepare_model`).
     """
     model = graph.unwrap(model)
-    _check_clip_sites(graph.trace(model), relu6)
+    if relu6 not in graph.RELU6_POLICIES:
+        raise ValueError(f"relu6 policy must be one of {graph.RELU6_POLICIES}, got {relu6!r}")
+    if relu6 == "clip":  # checked before folding, so that an error leaves the model unchanged
+        _check_clip_sites(graph.trace(model), relu6)
     folded = fold_all_batch_norms(model, input_shapes, dummy_input)
     bn_layers = {layer: bn for layer, bn in folded if isinstance(bn, layers.BN_TYPES)}
     if relu6 == "replace":
