@@ -166,6 +166,11 @@ def _example_inputs(gm, input_shapes, dummy_input) -> tuple[torch.Tensor, ...]:
     return tuple(torch.randn(*shape, device=device) for shape in shapes)
 
 
+def backward_fold_map(folded_pairs: Sequence[LayerBnPair]) -> dict[nn.Module, nn.Module]:
+    """{layer: bn} of the backward folds among `fold_all_batch_norms`' pairs: what HBF and bias correction need."""
+    return {layer: bn for layer, bn in folded_pairs if isinstance(bn, layers.BN_TYPES)}
+
+
 def _check_inputs(input_shapes, dummy_input) -> None:
     """Reject malformed AIMET-style input descriptions early, with a clear message."""
     if dummy_input is not None or input_shapes is None:

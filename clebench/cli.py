@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-import tomllib
 from pathlib import Path
 
 import torch
@@ -141,11 +140,9 @@ def run_ranges(args: argparse.Namespace) -> int:
 
 def run_check(args: argparse.Namespace) -> int:
     from clebench import regression
-    from clebench.config import parse_config
 
     results_csv = args.results_dir / "results.csv"
-    config_path = args.results_dir / "config.toml"
-    config = parse_config(tomllib.loads(config_path.read_text()), str(config_path)).to_dict() if config_path.exists() else None
+    config = regression.results_config(args.results_dir)
     if args.write_baseline:
         regression.write_baseline(results_csv, args.baseline, config)
         print(f"wrote {args.baseline}")

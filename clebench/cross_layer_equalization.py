@@ -23,7 +23,7 @@ from torch import fx, nn
 
 from clebench import graph, layers, utils
 from clebench.activations import ChannelClippedReLU, relu6_upper_bound
-from clebench.batch_norm_fold import fold_all_batch_norms
+from clebench.batch_norm_fold import backward_fold_map, fold_all_batch_norms
 from clebench.graph import Relu6Policy
 from clebench.layers import describe
 
@@ -271,7 +271,7 @@ def equalize_model(
     if relu6 == "clip":  # checked before folding, so that an error leaves the model unchanged
         _check_clip_sites(graph.trace(model), relu6)
     folded = fold_all_batch_norms(model, input_shapes, dummy_input)
-    bn_layers = {layer: bn for layer, bn in folded if isinstance(bn, layers.BN_TYPES)}
+    bn_layers = backward_fold_map(folded)
     if relu6 == "replace":
         utils.replace_modules_of_type1_with_type2(model, nn.ReLU6, nn.ReLU)
     infos = CrossLayerScaling.scale_model(model, relu6="clip" if relu6 == "clip" else "keep")

@@ -228,14 +228,28 @@ def format_check(result: CheckResult) -> str:
     return "\n".join(lines)
 
 
+def results_config(results_dir: str | Path) -> dict | None:
+    """The configuration a results folder was made with, as plain data (None if the folder records none).
+
+    meta.json holds the effective config a sweep ran (after --limit / --models); config.toml, the verbatim copy of
+    the file given on the command line, is the fallback.
+    """
+    results_dir = Path(results_dir)
+    meta_path = results_dir / "meta.json"
+    if meta_path.is_file():
+        config = json.loads(meta_path.read_text()).get("config")
+        if config is not None:
+            return config
+    config_path = results_dir / "config.toml"
+    return load_config(config_path).to_dict() if config_path.is_file() else None
+
+
 def assert_no_regression(results_dir: str | Path, baseline: str | Path, tolerance: float = 0.5) -> None:
     """pytest helper: AssertionError carrying `format_check`'s text unless `results_dir` passes against `baseline`.
 
-    The current config is read from `results_dir`/config.toml, as `clebench check` does.
+    The current config is `results_config(results_dir)`, as in `clebench check`.
     """
     results_dir = Path(results_dir)
-    config_path = results_dir / "config.toml"
-    config = load_config(config_path).to_dict() if config_path.is_file() else None
-    result = check(results_dir / "results.csv", Path(baseline), tolerance=tolerance, config=config)
+    result = check(results_dir / "results.csv", Path(baseline), tolerance=tolerance, config=results_config(results_dir))
     if not result.ok:
         raise AssertionError(format_check(result))

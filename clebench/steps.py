@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from clebench import graph, utils
-from clebench.batch_norm_fold import fold_all_batch_norms
+from clebench.batch_norm_fold import backward_fold_map, fold_all_batch_norms
 from clebench.cross_layer_equalization import ClsSetInfo, CrossLayerScaling, HighBiasFold
 
 STEP_ORDER = (
@@ -104,7 +104,7 @@ def apply_fp32_step(step: str, state: PipelineState) -> bool:
     """Apply one FP32 step in place; return whether it changed the model."""
     if step == "bn_fold":
         pairs = fold_all_batch_norms(state.model)
-        state.bn_map.update({layer: bn for layer, bn in pairs if not isinstance(layer, graph.layers.BN_TYPES)})
+        state.bn_map.update(backward_fold_map(pairs))
         return bool(pairs)
     if step == "relu6_to_relu":
         changed = any(isinstance(m, nn.ReLU6) for m in state.model.modules())

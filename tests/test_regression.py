@@ -17,6 +17,7 @@ from clebench.regression import (
     config_differences,
     format_check,
     read_results,
+    results_config,
     write_baseline,
 )
 
@@ -176,6 +177,19 @@ def test_assert_no_regression_reads_config_toml_from_the_results_dir(tmp_path):
     (run / "config.toml").write_text(CONFIG_TOML.replace("limit = 100", "limit = 200"))
     with pytest.raises(AssertionError, match="config differs: data.limit: baseline 100, current 200"):
         assert_no_regression(run, tmp_path / "baseline.json", tolerance=1.5)
+
+
+def test_the_effective_config_in_meta_json_wins_over_the_verbatim_config_toml(tmp_path):
+    """A sweep run with --limit records the limit it ran in meta.json; config.toml is the unmodified file."""
+    run = tmp_path / "run"
+    write_results(run / "results.csv", BASELINE_ROWS)
+    (run / "config.toml").write_text(CONFIG_TOML)
+    effective = load_config(run / "config.toml").with_limit(50).to_dict()
+    (run / "meta.json").write_text(json.dumps({"config": effective}))
+    assert results_config(run)["data"]["limit"] == 50
+    write_baseline(run / "results.csv", tmp_path / "baseline.json", load_config(run / "config.toml").to_dict())
+    with pytest.raises(AssertionError, match="config differs: data.limit: baseline 100, current 50"):
+        assert_no_regression(run, tmp_path / "baseline.json")
 
 
 def test_cli_check_exit_codes(tmp_path, capsys):
