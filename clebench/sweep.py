@@ -30,7 +30,7 @@ from clebench import data, graph, ranges, steps
 from clebench.bias_correction import correct_bias
 from clebench.config import FIRST_DEPTHWISE, ModelSpec, SweepConfig
 from clebench.evaluation import evaluate
-from clebench.models import load_model, model_label_space, model_preprocessing
+from clebench.models import Preprocessing, load_model, model_label_space, model_preprocessing
 from clebench.quant import QuantConfig, QuantSim
 
 RESULT_COLUMNS = [
@@ -80,7 +80,7 @@ class ModelRun:
     base: steps.PipelineState
     eval_set: data.ImageSet
     calibration_set: data.ImageSet
-    preprocessing: object
+    preprocessing: Preprocessing
     prefixes: dict[steps.Combination, tuple[steps.PipelineState, str]] = field(default_factory=dict)
     fp32: dict[str, dict] = field(default_factory=dict)  # fingerprint -> accuracy
     quantized: dict[tuple[str, str | None, str], dict] = field(default_factory=dict)
@@ -113,10 +113,13 @@ class Sweep:
         self._images: dict[tuple, data.ImageSet] = {}
 
     # -- set-up ---------------------------------------------------------------------------------------------
-    def _check_models(self) -> dict[str, nn.Module]:
-        """Load every model and check it against the data and the steps, before any evaluation."""
+    def _check_models(self) -> tuple[dict[str, nn.Module], dict[str, list[steps.Combination]]]:
+        """Load every model and check it against the data and the steps, before any evaluation.
+
+        Returns the models and, per model, the step combinations it runs.
+        """
         wanted_labels = LABEL_SPACES[self.config.data.dataset]
-        loaded = {}
+        loaded, usable = {}, {}
         for spec in self.config.models:
             if model_label_space(spec.name) != wanted_labels:
                 raise SweepError(
@@ -124,17 +127,17 @@ class Sweep:
                     f"{self.config.data.dataset}; pick a model trained for {wanted_labels}"
                 )
             loaded[spec.name] = load_model(spec.name, models_dir=self.models_dir, checkpoint=spec.checkpoint)
-            self._combinations_for(loaded[spec.name], spec.name, strict=True)
-        return loaded
+            usable[spec.name] = self._usable_combinations(loaded[spec.name], spec.name)
+        return loaded, usable
 
-    def _combinations_for(self, model: nn.Module, name: str, strict: bool) -> list[steps.Combination]:
-        """The combinations this model can run; with an explicit step list an impossible one is an error."""
+    def _usable_combinations(self, model: nn.Module, name: str) -> list[steps.Combination]:
+        """The combinations this model can run: the `all` preset skips impossible ones, an explicit list raises."""
         usable = []
         for combination in self.combinations:
             try:
                 steps.check_for_model(combination, model, name)
             except steps.StepError:
-                if strict and not (isinstance(self.config.steps, str) and self.config.steps == "all"):
+                if self.config.steps != "all":
                     raise
                 continue
             usable.append(combination)
@@ -249,9 +252,9 @@ class Sweep:
 
     def run(self) -> pd.DataFrame:
         """Fill every missing row; return the full results table (in config order)."""
-        models = self._check_models()
+        models, usable = self._check_models()
         rows = self._prepare_out()
-        order = self._row_order(models)
+        order = self._row_order(usable)
         todo = [key for key in order if key not in rows]
         torch.manual_seed(0)
         with tqdm(total=len(todo), desc="sweep rows", unit="row", disable=not self.progress) as bar:
@@ -290,12 +293,12 @@ class Sweep:
         keys = [key for key in order if key in rows] + [key for key in rows if key not in set(order)]
         return pd.DataFrame([rows[key] for key in keys], columns=RESULT_COLUMNS)
 
-    def _row_order(self, models: dict[str, nn.Module]) -> list[tuple[str, str, str, str]]:
+    def _row_order(self, usable: dict[str, list[steps.Combination]]) -> list[tuple[str, str, str, str]]:
         dataset = self.config.data.dataset
         return [
             (spec.name, dataset, steps.combination_name(combination), quant.name)
             for spec in self.config.models
-            for combination in self._combinations_for(models[spec.name], spec.name, strict=False)
+            for combination in usable[spec.name]
             for quant in self.quant_configs
         ]
 
