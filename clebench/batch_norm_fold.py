@@ -49,7 +49,9 @@ def fold_forward(bn: nn.Module, layer: nn.Module) -> None:
         layers.scale_input_channels(layer, a)
 
 
-def _check_pair(first: nn.Module, second: nn.Module, gm, names: dict[nn.Module, str]) -> tuple[str, nn.Module, nn.Module]:
+def _check_pair(
+    first: nn.Module, second: nn.Module, folds: graph.BnFolds | None, names: dict[nn.Module, str]
+) -> tuple[str, nn.Module, nn.Module]:
     """Validate one user-given pair; return ('backward' | 'forward', layer, bn)."""
     if layers.is_layer(first) and isinstance(second, layers.BN_TYPES):
         direction, layer, bn = "backward", first, second
@@ -75,8 +77,7 @@ def _check_pair(first: nn.Module, second: nn.Module, gm, names: dict[nn.Module, 
             f"{names.get(bn, describe(bn))} does not match {names.get(layer, describe(layer))}: "
             f"{bn.num_features} BN features vs {channels} layer channels (or the BN keeps no running statistics)"
         )
-    if gm is not None:
-        folds = graph.find_bn_folds(gm)
+    if folds is not None:
         key = (names[layer], names[bn]) if direction == "backward" else (names[bn], names[layer])
         if key not in (folds.backward if direction == "backward" else folds.forward):
             order = "follow" if direction == "backward" else "precede"
@@ -93,10 +94,10 @@ def fold_given_batch_norms(model: nn.Module, layer_pairs: Sequence[LayerBnPair])
     model = graph.unwrap(model)
     names = {module: name for name, module in model.named_modules()}
     try:
-        gm = graph.trace(model)
+        folds = graph.find_bn_folds(graph.trace(model))
     except graph.UntraceableModelError:
-        gm = None  # manual mode works without a graph; only the layer/BN shapes are checked
-    checked = [_check_pair(first, second, gm, names) for first, second in layer_pairs]
+        folds = None  # manual mode works without a graph; only the layer/BN shapes are checked
+    checked = [_check_pair(first, second, folds, names) for first, second in layer_pairs]
     _apply(model, checked, names)
 
 

@@ -195,8 +195,7 @@ def _clip_activations(
 
 def _check_clip_sites(gm: fx.GraphModule, relu6: Relu6Policy) -> None:
     """Under 'clip', every ReLU6-like call must be a module of its own, or it cannot become a per-channel clip."""
-    if relu6 not in graph.RELU6_POLICIES:
-        raise ValueError(f"relu6 policy must be one of {graph.RELU6_POLICIES}, got {relu6!r}")
+    graph.check_relu6_policy(relu6)
     if relu6 != "clip":
         return
     modules = dict(gm.named_modules())
@@ -266,8 +265,7 @@ def equalize_model(
     `clebench.graph.prepare_model`).
     """
     model = graph.unwrap(model)
-    if relu6 not in graph.RELU6_POLICIES:
-        raise ValueError(f"relu6 policy must be one of {graph.RELU6_POLICIES}, got {relu6!r}")
+    graph.check_relu6_policy(relu6)
     if relu6 == "clip":  # checked before folding, so that an error leaves the model unchanged
         _check_clip_sites(graph.trace(model), relu6)
     folded = fold_all_batch_norms(model, input_shapes, dummy_input)

@@ -34,6 +34,11 @@ TRANSPARENT_TYPES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dro
 TRANSPARENT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
 
 
+def check_relu6_policy(relu6: str) -> None:
+    if relu6 not in RELU6_POLICIES:
+        raise ValueError(f"relu6 policy must be one of {RELU6_POLICIES}, got {relu6!r}")
+
+
 class UntraceableModelError(ValueError):
     """torch.fx could not trace the model; auto mode needs a trace, manual mode does not."""
 
@@ -240,8 +245,7 @@ def find_cls_chains(gm: fx.GraphModule, relu6: Relu6Policy = "keep") -> list[lis
     Anything else -- an add, a concat, pooling, a flatten, a tensor consumed twice -- ends a chain, so nothing
     is equalized across residual connections.
     """
-    if relu6 not in RELU6_POLICIES:
-        raise ValueError(f"relu6 policy must be one of {RELU6_POLICIES}, got {relu6!r}")
+    check_relu6_policy(relu6)
     modules = dict(gm.named_modules())
     single_use = single_use_modules(gm)
     hops: dict[str, Hop] = {}
