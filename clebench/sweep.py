@@ -80,6 +80,7 @@ class ModelRun:
     base: steps.PipelineState
     eval_set: data.ImageSet
     calibration_set: data.ImageSet
+    calibration_batches: list[tuple[torch.Tensor, torch.Tensor]]  # normalized once, reused by every quantized row
     preprocessing: Preprocessing
     prefixes: dict[steps.Combination, tuple[steps.PipelineState, str]] = field(default_factory=dict)
     fp32: dict[str, dict] = field(default_factory=dict)  # fingerprint -> accuracy
@@ -215,7 +216,7 @@ class Sweep:
         key = (print_, correction, quant.name)
         if key in run.quantized:
             return run.quantized[key]
-        calibration = list(self._batches(run.calibration_set, run.preprocessing))
+        calibration = run.calibration_batches
         model = state.model
         if correction is not None:
             corrected = copy.deepcopy(state)
@@ -307,7 +308,8 @@ class Sweep:
         eval_set = self._images_for(self.config.data.eval_split, self.config.data.limit, preprocessing)
         calibration_set = self._images_for(self.config.data.calibration_split, self.config.data.calibration, preprocessing)
         base = steps.PipelineState(graph.prepare_model(model).to(self.device).eval())
-        return ModelRun(spec, base, eval_set, calibration_set, preprocessing)
+        calibration_batches = list(self._batches(calibration_set, preprocessing))
+        return ModelRun(spec, base, eval_set, calibration_set, calibration_batches, preprocessing)
 
     def _write_work_summary(self) -> None:
         meta_path = self.out / "meta.json"
