@@ -265,12 +265,14 @@ def equalize_model(
     `clebench.graph.prepare_model`).
     """
     model = graph.unwrap(model)
-    graph.check_relu6_policy(relu6)
-    if relu6 == "clip":  # checked before folding, so that an error leaves the model unchanged
-        _check_clip_sites(graph.trace(model), relu6)
-    folded = fold_all_batch_norms(model, input_shapes, dummy_input)
-    bn_layers = backward_fold_map(folded)
-    if relu6 == "replace":
-        utils.replace_modules_of_type1_with_type2(model, nn.ReLU6, nn.ReLU)
-    infos = CrossLayerScaling.scale_model(model, relu6="clip" if relu6 == "clip" else "keep")
-    HighBiasFold.bias_fold(infos, bn_layers)
+    gm = graph.trace(model)  # one trace serves every step: they all edit gm, whose new leaves go back to model
+    _check_clip_sites(gm, relu6)  # before folding, so that an error leaves the model unchanged
+    try:
+        folded = fold_all_batch_norms(gm, input_shapes, dummy_input)
+        if relu6 == "replace":
+            for root in (model, gm):  # model too: ReLU6 modules the graph never calls are replaced as well
+                utils.replace_modules_of_type1_with_type2(root, nn.ReLU6, nn.ReLU)
+        infos = CrossLayerScaling.scale_model(gm, relu6="clip" if relu6 == "clip" else "keep")
+        HighBiasFold.bias_fold(infos, backward_fold_map(folded))
+    finally:
+        graph.copy_leaves(gm, model)

@@ -313,6 +313,19 @@ def set_submodule(root: nn.Module, qualified_name: str, module: nn.Module) -> No
     setattr(parent, attribute, module)
 
 
+def copy_leaves(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Put every module that `gm`'s graph calls into `model` under the same name, where it was replaced on `gm`.
+
+    `trace` shares leaf modules with the model, so in-place edits of a leaf reach both; replacing a leaf (a BN by
+    Identity, a ReLU6 by a clip) changes only the hierarchy it is made on.
+    """
+    if gm is model:
+        return
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and model.get_submodule(node.target) is not gm.get_submodule(node.target):
+            set_submodule(model, node.target, gm.get_submodule(node.target))
+
+
 def prepare_model(model: nn.Module) -> fx.GraphModule:
     """A traced copy of `model` in which every activation call site owns its own module.
 

@@ -24,6 +24,16 @@ def set_weight(layer: nn.Module, values, bias=None) -> nn.Module:
     return layer
 
 
+@pytest.mark.parametrize(
+    "shape, axis",
+    [((64, 32, 3, 3), 0), ((64, 32, 3, 3), 1), ((32, 64, 1, 1), 1), ((16, 8, 3, 3), 1), ((8, 16, 5), 1), ((10, 7), 0)],
+)
+def test_channel_abs_max_is_the_largest_magnitude_over_every_other_axis(shape, axis):
+    weight = torch.randn(shape)
+    others = tuple(d for d in range(weight.dim()) if d != axis)
+    assert torch.equal(layers.channel_abs_max(weight, axis), weight.abs().amax(dim=others))
+
+
 def test_pair_hand_computed():
     # r1 = [4, 1], r2 = [1, 4]  ->  s = sqrt(r1 / r2) = [2, 0.5]; both ranges become sqrt(r1 r2) = [2, 2]
     conv1 = set_weight(nn.Conv2d(1, 2, 1), [4.0, 1.0], bias=[2.0, 3.0])
@@ -243,6 +253,21 @@ def test_manual_mode_errors_name_the_layers_and_leave_the_model_unchanged():
     assert all(
         torch.equal(b[k], v) for b, m in zip(before, (conv1, conv2, conv3)) for k, v in m.state_dict().items()
     )
+
+
+def test_equalize_model_puts_every_replaced_module_into_the_model_itself():
+    """One trace serves every step; the BNs it folds and the ReLU6s it replaces must change in `model` too."""
+    torch.manual_seed(0)
+    model = randomize_batch_norms(torchvision.models.mobilenet_v2())
+    model.unused = nn.ReLU6()  # never called: 'replace' swaps it anyway, as AIMET's replace does
+    x = torch.randn(2, 3, 64, 64)
+    for relu6, clips in (("replace", 0), ("clip", 34)):
+        equalized = copy.deepcopy(model)
+        equalize_model(equalized, (1, 3, 64, 64), relu6=relu6)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in equalized.modules())
+        assert sum(isinstance(m, ChannelClippedReLU) for m in equalized.modules()) == clips
+        assert isinstance(equalized.unused, nn.ReLU if relu6 == "replace" else nn.ReLU6)
+    assert relative_error(equalized(x), model(x)) < 0.05  # 'clip': HBF's padding effect only
 
 
 def test_bad_relu6_policy_is_rejected():
