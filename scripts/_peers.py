@@ -63,7 +63,7 @@ def load_aimet() -> SimpleNamespace | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            names = ("cross_layer_equalization", "batch_norm_fold", "model_preparer", "quantsim", "nn")
+            names = ("cross_layer_equalization", "batch_norm_fold", "model_preparer", "quantsim")
             modules = {name: importlib.import_module(f"aimet_torch.{name}") for name in names}
             from aimet_torch.common.utils import AimetLogger
     except ImportError:
@@ -154,12 +154,15 @@ def input_batches(image_set: ImageSet, preprocessing: Preprocessing, batch_size:
 
 
 def clebench_quantsim(model: nn.Module, calibration: Iterable[torch.Tensor], weight_bits: int, act_bits: int,
-                      input_shape: tuple[int, ...]) -> nn.Module:
-    """clebench's per-tensor min/max W<weight_bits>A<act_bits> simulation of BN-folded `model` (not modified)."""
+                      input_shape: tuple[int, ...], *, aimet_rules: bool = False) -> nn.Module:
+    """clebench's per-tensor min/max W<weight_bits>A<act_bits> simulation of BN-folded `model` (not modified).
+
+    aimet_rules: AIMET's weight-scale and calibration rules (`QuantConfig.aimet_rules`) instead of the DFQ ones.
+    """
     folded = copy.deepcopy(model)
     fold_all_batch_norms(folded)
-    sim = QuantSim(folded, torch.zeros(input_shape),
-                   QuantConfig(weight_bits=weight_bits, act_bits=act_bits, per_channel=False, calibration="minmax"))
+    config = QuantConfig(weight_bits=weight_bits, act_bits=act_bits, calibration="minmax", aimet_rules=aimet_rules)
+    sim = QuantSim(folded, torch.zeros(input_shape), config)
     sim.calibrate(calibration, progress=False)
     return sim.model
 
@@ -177,53 +180,18 @@ def _drop_depthwise_output_quantizers(sim_model: nn.Module) -> None:
             module.output_quantizers[0] = None
 
 
-def _weight_quantized_modules(sim_model: nn.Module) -> list[nn.Module]:
-    return [
-        module for module in sim_model.modules()
-        if "weight" in getattr(module, "param_quantizers", {}) and module.param_quantizers["weight"] is not None
-    ]
-
-
 def _forward_all(model: nn.Module, images: Iterable[torch.Tensor]) -> None:
     with torch.no_grad():
         for batch in images:
             model(batch)
 
 
-def _use_clebench_encoding_rules(aimet: SimpleNamespace, sim_model: nn.Module, calibration: Sequence[torch.Tensor],
-                                 weight_bits: int) -> None:
-    """Give a calibrated AIMET sim clebench's two encoding rules where AIMET 2.42 differs (in place).
-
-    Weights: scale max|w| / (2^(b-1) - 1) instead of max(max / (2^(b-1) - 1), -min / 2^(b-1)); set through the
-    range [-s 2^(b-1), s (2^(b-1) - 1)]. Activations: recalibrated with FP32 weights (AIMET calibrates with the
-    weights already quantized) by detaching the weight quantizers during a second calibration pass.
-    """
-    modules = _weight_quantized_modules(sim_model)
-    half = 2 ** (weight_bits - 1)
-    with torch.no_grad():
-        for module in modules:
-            scale = module.weight.detach().abs().max() / (half - 1)
-            module.param_quantizers["weight"].set_range(-scale * half, scale * (half - 1))
-    weight_quantizers = [module.param_quantizers["weight"] for module in modules]
-    try:
-        for module in modules:
-            module.param_quantizers["weight"] = None
-        with aimet.nn.compute_encodings(sim_model):
-            _forward_all(sim_model, calibration)
-    finally:
-        for module, quantizer in zip(modules, weight_quantizers):
-            module.param_quantizers["weight"] = quantizer
-
-
 def aimet_quantsim(aimet: SimpleNamespace, model: nn.Module, calibration: Sequence[torch.Tensor], weight_bits: int,
-                   act_bits: int, input_shape: tuple[int, ...], *, match_placement: bool = True,
-                   match_encodings: bool = False) -> nn.Module:
+                   act_bits: int, input_shape: tuple[int, ...], *, match_placement: bool = True) -> nn.Module:
     """AIMET's per-tensor "tf" QuantizationSimModel of `model` (not modified), prepared and BN-folded first.
 
     match_placement: drop the depthwise-conv output quantizers that AIMET adds and clebench does not (see
     `_drop_depthwise_output_quantizers`), so that both place quantizers at the same tensors.
-    match_encodings: also adopt clebench's weight-scale and calibration rules (`_use_clebench_encoding_rules`), which
-    leaves only float rounding between the two simulators.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -237,8 +205,6 @@ def aimet_quantsim(aimet: SimpleNamespace, model: nn.Module, calibration: Sequen
     if match_placement:
         _drop_depthwise_output_quantizers(sim.model)
     sim.compute_encodings(_forward_all, calibration)
-    if match_encodings:
-        _use_clebench_encoding_rules(aimet, sim.model, calibration, weight_bits)
     return sim.model.eval()
 
 

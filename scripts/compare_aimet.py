@@ -4,8 +4,10 @@
 
 For each CIFAR-10 reference checkpoint and each W<b>A8 setting, both simulators calibrate on the same 512 CIFAR-10
 train images (the first files of each class in sorted order) and are evaluated on the same CIFAR-10 test images
-(`--limit`: a class-balanced subset; default all 10,000). Prints model, setting, clebench top-1, AIMET top-1 and
-their difference; exits with status 1 if any |difference| exceeds `--tolerance` (0.5 points) or AIMET fails.
+(`--limit`: a class-balanced subset; default all 10,000). clebench runs twice: with its default (DFQ) encoding rules
+and with `QuantConfig(aimet_rules=True)`. Prints the three top-1s and both differences to AIMET; exits with status 1
+if AIMET fails or the like-for-like difference (AIMET rules in both tools) exceeds `--tolerance` (0.5 points). The
+default-rules difference is what the two rule choices below are worth.
 
 How the two are made to simulate the same network (AIMET 2.42, read from its source and checked on both models):
 * BN: AIMET's QuantizationSimModel does not fold BN. It keeps each BN as a float op after a conv whose *unfolded*
@@ -23,12 +25,11 @@ How the two are made to simulate the same network (AIMET 2.42, read from its sou
   depthwise conv's output *and* the ReLU6 after it (17 extra quantizers in MobileNetV2). `--aimet-placement matched`
   (default) switches those off; `shipped` keeps them.
 * Encodings: quant_scheme "tf" (min/max), default_param_bw = b, default_output_bw = 8; activations asymmetric unsigned
-  8-bit with 0 on the grid (identical rule in both). Two rules differ and move top-1 by about a point at W4A8:
+  8-bit with 0 on the grid (identical rule in both). Two rules differ from clebench's defaults (the DFQ setting), and
+  `QuantConfig.aimet_rules` switches clebench to AIMET's for both:
   - AIMET's symmetric weight scale is max(max / (2^(b-1) - 1), -min / 2^(b-1)), so it uses the level -2^(b-1) when
     the negative side dominates; clebench's is max|w| / (2^(b-1) - 1).
   - AIMET calibrates activation ranges with the weights already quantized; clebench with FP32 weights.
-  `--aimet-encodings matched` gives the AIMET sim clebench's rules for both (a check of the simulation arithmetic
-  itself); the default keeps AIMET's.
 
 `--cle` runs each tool's own `equalize_model` first (ReLU6 -> ReLU in both, as AIMET >= 2.4 no longer does it).
 """
@@ -56,12 +57,19 @@ from clebench.models import load_model, model_preprocessing  # noqa: E402
 class Comparison:
     model: str
     setting: str
-    clebench: float
+    clebench: float  # default (DFQ) encoding rules
+    clebench_aimet_rules: float
     aimet: float | None  # None: AIMET failed (see `error`)
     error: str = ""
 
     @property
     def difference(self) -> float | None:
+        """clebench with AIMET's rules minus AIMET: the implementations' disagreement."""
+        return None if self.aimet is None else self.clebench_aimet_rules - self.aimet
+
+    @property
+    def rules_difference(self) -> float | None:
+        """clebench with its default rules minus AIMET: what the two rule choices are worth."""
         return None if self.aimet is None else self.clebench - self.aimet
 
 
@@ -78,9 +86,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tolerance", type=float, default=0.5, help="largest allowed |top-1 difference| in points")
     parser.add_argument("--aimet-placement", choices=("matched", "shipped"), default="matched",
                         help="matched: drop AIMET's extra depthwise-conv output quantizers (default); shipped: keep them")
-    parser.add_argument("--aimet-encodings", choices=("shipped", "matched"), default="shipped",
-                        help="shipped: AIMET's own weight-scale and calibration rules (default); matched: clebench's, "
-                             "which leaves only float rounding between the two")
     parser.add_argument("--cle", action="store_true", help="equalize with each tool's equalize_model before quantizing")
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
@@ -110,8 +115,7 @@ def aimet_top1(aimet, model: nn.Module | str, calibration: list[torch.Tensor], b
         return None, model
     try:
         sim = _peers.aimet_quantsim(aimet, model, calibration, bits, args.act_bits, _peers.CIFAR_SHAPE,
-                                    match_placement=args.aimet_placement == "matched",
-                                    match_encodings=args.aimet_encodings == "matched")
+                                    match_placement=args.aimet_placement == "matched")
         return top1(sim), ""
     except Exception as error:  # any AIMET failure is a result to record, not a reason to stop
         return None, _peers.aimet_error(error)
@@ -135,17 +139,26 @@ def compare_model(name: str, aimet, args: argparse.Namespace) -> list[Comparison
     results = []
     for bits in args.weight_bits:
         setting = f"W{bits}A{args.act_bits}{' +CLE' if args.cle else ''}"
-        clebench_top1 = top1(_peers.clebench_quantsim(ours, calibration, bits, args.act_bits, _peers.CIFAR_SHAPE))
-        result = Comparison(name, setting, clebench_top1, *aimet_top1(aimet, theirs, calibration, bits, args, top1))
+        clebench_top1 = [
+            top1(_peers.clebench_quantsim(ours, calibration, bits, args.act_bits, _peers.CIFAR_SHAPE, aimet_rules=rules))
+            for rules in (False, True)
+        ]
+        result = Comparison(name, setting, *clebench_top1, *aimet_top1(aimet, theirs, calibration, bits, args, top1))
         print(format_row(result), flush=True)
         results.append(result)
     return results
 
 
+HEADER = f"{'model':<22} {'setting':<10} {'clebench':>9} {'clebench':>9} {'AIMET':>7} {'diff':>8} {'diff':>8}\n" + \
+         f"{'':<22} {'':<10} {'default':>9} {'AIMET':>9} {'':>7} {'default':>8} {'AIMET':>8}\n" + \
+         f"{'':<22} {'':<10} {'rules':>9} {'rules':>9} {'':>7} {'rules':>8} {'rules':>8}"
+
+
 def format_row(result: Comparison) -> str:
+    start = f"{result.model:<22} {result.setting:<10} {result.clebench:>9.2f} {result.clebench_aimet_rules:>9.2f}"
     if result.aimet is None:
-        return f"{result.model:<22} {result.setting:<10} {result.clebench:>9.2f} {'-':>9} {'-':>7}  {result.error}"
-    return f"{result.model:<22} {result.setting:<10} {result.clebench:>9.2f} {result.aimet:>9.2f} {result.difference:>+7.2f}"
+        return f"{start} {'-':>7} {'-':>8} {'-':>8}  {result.error}"
+    return f"{start} {result.aimet:>7.2f} {result.rules_difference:>+8.2f} {result.difference:>+8.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,9 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     if aimet is None:
         raise SystemExit(_peers.aimet_missing_message())
     print(f"# {_peers.machine_summary(aimet)}")
-    print(f"# AIMET config {aimet.per_tensor_config}, quant_scheme 'tf', placement {args.aimet_placement}, "
-          f"encodings {args.aimet_encodings}; calibration {_peers.CALIBRATION_IMAGES} CIFAR-10 train images")
-    print(f"{'model':<22} {'setting':<10} {'clebench':>9} {'AIMET':>9} {'diff':>7}")
+    print(f"# AIMET config {aimet.per_tensor_config}, quant_scheme 'tf', placement {args.aimet_placement}; "
+          f"calibration {_peers.CALIBRATION_IMAGES} CIFAR-10 train images; top-1 in %, differences in points")
+    print(HEADER)
     try:
         results = [row for name in args.models for row in compare_model(name, aimet, args)]
     except FileNotFoundError as error:  # data or checkpoints not where the arguments / environment say
@@ -165,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r for r in results if r.aimet is None]
     off = [r for r in results if r.difference is not None and abs(r.difference) > args.tolerance]
     for r in off:
-        print(f"DISAGREE: {r.model} {r.setting}: clebench {r.clebench:.2f} vs AIMET {r.aimet:.2f} "
-              f"(|{r.difference:+.2f}| > {args.tolerance})")
+        print(f"DISAGREE: {r.model} {r.setting}: clebench (AIMET rules) {r.clebench_aimet_rules:.2f} vs AIMET "
+              f"{r.aimet:.2f} (|{r.difference:+.2f}| > {args.tolerance})")
     for r in failed:
         print(f"NOT COMPARED: {r.model} {r.setting}: {r.error}")
     return 1 if off or failed else 0

@@ -17,6 +17,8 @@ from clebench.quant import QuantConfig
     (QuantConfig(calibration="percentile", percentile=100), "w8a8_per_tensor_percentile100"),
     (QuantConfig(weight_bits=16, act_bits=16, weight_symmetric=False, int32_bias=True),
      "w16a16_per_tensor_minmax_wasym_int32bias"),
+    (QuantConfig(weight_bits=4, aimet_rules=True), "w4a8_per_tensor_minmax_aimet"),
+    (QuantConfig(per_channel=True, int32_bias=True, aimet_rules=True), "w8a8_per_channel_minmax_int32bias_aimet"),
 ])
 def test_name_and_its_inverse(config, name):
     assert config.name == name

@@ -7,7 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from clebench.quant import QuantConfig, asymmetric_encoding, quantize_weight, symmetric_encoding, tensor_encoding
+from clebench.quant import (
+    QuantConfig,
+    asymmetric_encoding,
+    full_signed_range_encoding,
+    quantize_weight,
+    symmetric_encoding,
+    tensor_encoding,
+)
 from clebench.quant.encoding import MIN_SCALE, fake_quantize_per_tensor, weight_encoding
 
 
@@ -18,6 +25,29 @@ def test_symmetric_8bit_hand_computed():
     assert (encoding.quant_min, encoding.quant_max) == (-128, 127)
     assert float(encoding.max) == pytest.approx(1.27)
     assert float(encoding.min) == pytest.approx(-128 * 1.27 / 127)
+
+
+@pytest.mark.parametrize("values, scale", [
+    ([-1.0, 0.5], 1.0 / 8),  # negative side dominates: -1 is exactly the level -8 (scale -min / 2^(b-1))
+    ([1.0, -0.5], 1.0 / 7),  # positive side dominates: the DFQ rule max / (2^(b-1) - 1)
+    ([-0.875, 1.0], 1.0 / 7),  # 0.875 * 8 = 7 < 1.0 * 7: still the positive side
+])
+def test_full_signed_range_4bit_hand_computed(values, scale):
+    """AIMET 2.x's symmetric rule, which the DFQ rule (max|x| / 7 for all three) does not follow."""
+    encoding = tensor_encoding(torch.tensor(values), bits=4, symmetric=True, full_signed_range=True)
+    assert float(encoding.scale) == pytest.approx(scale)
+    assert (int(encoding.zero_point), encoding.quant_min, encoding.quant_max) == (0, -8, 7)
+    assert float(tensor_encoding(torch.tensor(values), bits=4, symmetric=True).scale) == pytest.approx(1.0 / 7)
+    per_channel = full_signed_range_encoding(torch.tensor([-1.0, -0.5]), torch.tensor([0.5, 1.0]), 4, axis=0)
+    assert per_channel.scale.tolist() == pytest.approx([1.0 / 8, 1.0 / 7])
+
+
+def test_weight_encoding_follows_the_configs_aimet_rules():
+    layer = nn.Linear(2, 1)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[-1.0, 0.5]]))
+    assert float(weight_encoding(layer, QuantConfig(weight_bits=4)).scale) == pytest.approx(1.0 / 7)
+    assert float(weight_encoding(layer, QuantConfig(weight_bits=4, aimet_rules=True)).scale) == pytest.approx(1.0 / 8)
 
 
 def test_asymmetric_8bit_hand_computed():

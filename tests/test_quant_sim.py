@@ -81,6 +81,16 @@ def test_calibration_sees_fp32_activations():
     assert sim.encodings()["relu"]["scale"] == pytest.approx(fp32_relu.max().item() / 255, rel=1e-6)
 
 
+def test_aimet_rules_calibrate_with_quantized_weights():
+    model, x = toy(), inputs()
+    config = QuantConfig(weight_bits=2, aimet_rules=True)
+    sim = QuantSim(model, x[:1], config)
+    sim.calibrate([x], progress=False)
+    quantized_relu = torch.relu(F.conv2d(x, quantize_weight(model.conv1, config), model.conv1.bias, padding=1))
+    assert sim.encodings()["relu"]["scale"] == pytest.approx(quantized_relu.max().item() / 255, rel=1e-6)
+    assert quantized_relu.max().item() != pytest.approx(torch.relu(model.conv1(x)).max().item(), rel=1e-3)
+
+
 def test_batches_may_be_tensors_or_labelled_tuples():
     model, x = toy(), inputs()
     a, b = QuantSim(model, x[:1]), QuantSim(model, x[:1])

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 MIN_BITS, MAX_BITS = 2, 16
 CALIBRATIONS: tuple[str, ...] = ("minmax", "percentile", "mse")
 GRANULARITIES: tuple[str, ...] = ("per_tensor", "per_channel")
-FLAGS: tuple[str, ...] = ("wasym", "int32bias")  # name suffixes, in this order
+FLAGS: tuple[str, ...] = ("wasym", "int32bias", "aimet")  # name suffixes, in this order
 DEFAULT_PERCENTILE = 99.99
 
 
@@ -29,6 +29,10 @@ class QuantConfig:
         like AIMET "tf_enhanced"). Weights always use their exact min / max.
     percentile: in (50, 100]; only with calibration="percentile".
     int32_bias: biases on a signed 32-bit grid with scale = input scale * weight scale (needs act_bits).
+    aimet_rules: AIMET 2.x's two encoding rules where they differ from the above: a symmetric weight scale of
+        max(max / (2^(b-1) - 1), -min / 2^(b-1)), which uses the level -2^(b-1) when the negative side dominates,
+        and activation ranges calibrated with the weights already quantized. They move top-1 by about a point at
+        W4A8 (scripts/compare_aimet.py).
     """
 
     weight_bits: int = 8
@@ -38,12 +42,13 @@ class QuantConfig:
     calibration: str = "minmax"
     percentile: float = DEFAULT_PERCENTILE
     int32_bias: bool = False
+    aimet_rules: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.weight_bits, "QuantConfig.weight_bits")
         if self.act_bits is not None:
             check_bits(self.act_bits, "QuantConfig.act_bits (or None for float activations)")
-        for field in ("per_channel", "weight_symmetric", "int32_bias"):
+        for field in ("per_channel", "weight_symmetric", "int32_bias", "aimet_rules"):
             if not isinstance(getattr(self, field), bool):
                 raise TypeError(f"QuantConfig.{field} must be a bool, got {getattr(self, field)!r}")
         if self.calibration not in CALIBRATIONS:
@@ -70,12 +75,12 @@ class QuantConfig:
         calibration = self.calibration
         if calibration == "percentile":
             calibration += f"{float(self.percentile)!r}".removesuffix(".0")
-        flags = [flag for flag, on in zip(FLAGS, (not self.weight_symmetric, self.int32_bias)) if on]
+        flags = [flag for flag, on in zip(FLAGS, (not self.weight_symmetric, self.int32_bias, self.aimet_rules)) if on]
         return "_".join([f"w{self.weight_bits}a{acts}", granularity, calibration, *flags])
 
     @classmethod
     def from_name(cls, name: str) -> QuantConfig:
-        """Inverse of `.name`: "w<bits>a<bits|fp>_<per_tensor|per_channel>_<calibration>[_wasym][_int32bias]"."""
+        """Inverse of `.name`: "w<bits>a<bits|fp>_<per_tensor|per_channel>_<calibration>[_wasym][_int32bias][_aimet]"."""
         if not isinstance(name, str):
             raise TypeError(f"a QuantConfig name must be a str, got {type(name).__name__}")
         parts = name.split("_")
@@ -103,4 +108,5 @@ class QuantConfig:
             calibration="percentile" if percentile is not None else calibration.group(1),
             percentile=DEFAULT_PERCENTILE if percentile is None else float(percentile),
             int32_bias="int32bias" in flags,
+            aimet_rules="aimet" in flags,
         )

@@ -2,8 +2,10 @@
 
 An encoding maps a real range onto an integer grid [quant_min, quant_max] with a scale and an integer zero point:
     fake_quant(x) = (clamp(round(x / scale) + zero_point, quant_min, quant_max) - zero_point) * scale
-Symmetric: signed grid [-2^(b-1), 2^(b-1) - 1], zero point 0, scale = max|x| / (2^(b-1) - 1) (AIMET's non-strict
-grid: the most negative level is representable but unused). Asymmetric: unsigned grid [0, 2^b - 1], the range
+Symmetric: signed grid [-2^(b-1), 2^(b-1) - 1], zero point 0, scale = max|x| / (2^(b-1) - 1) (the non-strict grid
+of the DFQ setting: -2^(b-1) is representable, and x reaches it only by rounding). AIMET 2.x instead takes the
+smallest scale whose whole signed grid covers [min, max] (`full_signed_range_encoding`), so a tensor whose negative
+side dominates uses -2^(b-1) and gets a finer scale. Asymmetric: unsigned grid [0, 2^b - 1], the range
 widened to include 0, scale = (max - min) / (2^b - 1), zero point round(-min / scale); the representable range is
 then re-derived from the scale and the integer zero point, so that 0 is exactly on the grid.
 """
@@ -118,6 +120,16 @@ def symmetric_encoding(abs_max: torch.Tensor, bits: int, axis: int | None = None
     return Encoding(scale, torch.zeros_like(scale, dtype=torch.int32), bits, True, axis)
 
 
+def full_signed_range_encoding(minimum: torch.Tensor, maximum: torch.Tensor, bits: int, axis: int | None = None) -> Encoding:
+    """Signed, zero point 0, scale = max(max / (2^(b-1) - 1), -min / 2^(b-1)) (AIMET 2.x): 0-dim, or [C] along `axis`."""
+    check_bits(bits, "bits")
+    low, high = signed_grid(bits)
+    minimum = _checked(torch.as_tensor(minimum), "minimum").clamp_max(0.0)
+    maximum = _checked(torch.as_tensor(maximum), "maximum").clamp_min(0.0)
+    scale = torch.maximum(maximum / high, minimum / low).clamp_min(MIN_SCALE)
+    return Encoding(scale, torch.zeros_like(scale, dtype=torch.int32), bits, True, axis)
+
+
 def asymmetric_encoding(minimum: torch.Tensor, maximum: torch.Tensor, bits: int, axis: int | None = None) -> Encoding:
     """Unsigned grid covering [min(minimum, 0), max(maximum, 0)]; 0-dim, or [C] along `axis`."""
     check_bits(bits, "bits")
@@ -131,15 +143,22 @@ def asymmetric_encoding(minimum: torch.Tensor, maximum: torch.Tensor, bits: int,
     return Encoding(scale, zero_point, bits, False, axis)
 
 
-def tensor_encoding(x: torch.Tensor, bits: int, symmetric: bool, axis: int | None = None) -> Encoding:
-    """The exact min/max encoding of `x`, per tensor (axis None) or per slice along `axis`."""
+def tensor_encoding(
+    x: torch.Tensor, bits: int, symmetric: bool, axis: int | None = None, *, full_signed_range: bool = False
+) -> Encoding:
+    """The exact min/max encoding of `x`, per tensor (axis None) or per slice along `axis`.
+
+    full_signed_range: symmetric encodings use AIMET's rule (`full_signed_range_encoding`) instead of max|x|.
+    """
     x = _checked(x, "the tensor to encode")
     dims = [d for d in range(x.dim()) if d != axis] if axis is not None else list(range(x.dim()))
-    if symmetric:
-        return symmetric_encoding(x.abs().amax(dim=dims) if x.numel() else torch.tensor(0.0), bits, axis)
     if not x.numel():
-        return asymmetric_encoding(torch.tensor(0.0), torch.tensor(0.0), bits, axis)
-    return asymmetric_encoding(x.amin(dim=dims), x.amax(dim=dims), bits, axis)
+        return (symmetric_encoding(torch.tensor(0.0), bits, axis) if symmetric
+                else asymmetric_encoding(torch.tensor(0.0), torch.tensor(0.0), bits, axis))
+    if symmetric and not full_signed_range:
+        return symmetric_encoding(x.abs().amax(dim=dims), bits, axis)
+    make = full_signed_range_encoding if symmetric else asymmetric_encoding
+    return make(x.amin(dim=dims), x.amax(dim=dims), bits, axis)
 
 
 def weight_encoding(layer: nn.Module, config: QuantConfig) -> Encoding:
@@ -152,7 +171,9 @@ def weight_encoding(layer: nn.Module, config: QuantConfig) -> Encoding:
         raise TypeError(f"weight quantization supports {supported}, got {type(layer).__name__}")
     axis = layers.output_axis(layer) if config.per_channel else None
     try:
-        return tensor_encoding(layer.weight, config.weight_bits, config.weight_symmetric, axis)
+        return tensor_encoding(
+            layer.weight, config.weight_bits, config.weight_symmetric, axis, full_signed_range=config.aimet_rules
+        )
     except ValueError as error:
         raise ValueError(f"weight of {layers.describe(layer)}: {error}") from None
 

@@ -243,10 +243,10 @@ class QuantSim:
         return result
 
     @contextlib.contextmanager
-    def _float_parameters(self) -> Iterator[None]:
-        """Temporarily give every quantized parameter its FP32 value back."""
+    def _float_parameters(self, names: Iterable[str]) -> Iterator[None]:
+        """Temporarily give the quantized parameters `names` their FP32 values back."""
         parameters = dict(self.model.named_parameters())
-        held = {name: parameters[name].data for name in self._fp32_values}
+        held = {name: parameters[name].data for name in names}
         try:
             for name, value in held.items():
                 parameters[name].data = self._fp32_values[name].to(value.device)
@@ -257,6 +257,8 @@ class QuantSim:
 
     def calibrate(self, batches: Iterable, *, progress: bool = True) -> None:
         """Find and freeze every activation encoding from FP32 forward passes over `batches` (one pass).
+
+        With config.aimet_rules the passes use the quantized weights (biases stay FP32), as AIMET calibrates.
 
         batches: input tensors, or (inputs, labels) tuples such as a DataLoader yields. Calling it again
         recalibrates from scratch; on an error the previous encodings stay.
@@ -275,13 +277,14 @@ class QuantSim:
             self._quantize_biases()
 
     def _observe(self, batches: Iterable, progress: bool) -> dict[str, tuple[float, float]]:
-        """{quantizer name: (min, max) to encode}, from one FP32 pass with every quantizer observing."""
+        """{quantizer name: (min, max) to encode}, from one pass with every quantizer observing."""
         for quantizer in self._quantizers.values():
             quantizer.observer = make_observer(self.config)
         parameter = next(self.model.parameters(), None)
         device = parameter.device if parameter is not None else None
         seen = 0
-        with self._float_parameters(), torch.no_grad():
+        restored = [name for name in self._fp32_values if not (self.config.aimet_rules and name.endswith(".weight"))]
+        with self._float_parameters(restored), torch.no_grad():
             for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
                 self.model(*(x.to(device) for x in batch_inputs(batch)))
                 seen += 1
