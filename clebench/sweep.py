@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -64,12 +65,24 @@ def write_csv_atomically(frame: pd.DataFrame, path: Path) -> None:
 
 @dataclass
 class WorkCounter:
-    """Forward passes over the data the sweep actually made, next to the rows it filled."""
+    """Forward passes over the data the sweep actually made, next to the rows it filled, and what they cost."""
 
     rows: int = 0
     fp32_evaluations: int = 0
     calibrations: int = 0
     quantized_evaluations: int = 0
+    wall_seconds: float = 0.0
+    peak_memory_mib: float | None = None  # resident set of the process (GPU memory is not counted)
+
+
+def peak_memory_mib() -> float | None:
+    """Peak resident memory of this process so far, in MiB; None where the OS does not report it (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
 @dataclass
@@ -253,6 +266,7 @@ class Sweep:
 
     def run(self) -> pd.DataFrame:
         """Fill every missing row; return the full results table (in config order)."""
+        started = time.perf_counter()
         models, usable = self._check_models()
         rows = self._prepare_out()
         order = self._row_order(usable)
@@ -269,6 +283,8 @@ class Sweep:
                     write_csv_atomically(self._table(rows, order), self.out / "results.csv")
                     self.work.rows += 1
                     bar.update()
+        self.work.wall_seconds = round(time.perf_counter() - started, 1)
+        self.work.peak_memory_mib = peak_memory_mib()
         self._write_work_summary()
         return self._table(rows, order)
 

@@ -1,12 +1,13 @@
 """clebench against its peers: AIMET (`aimet-torch`, optional) and PyTorch's `torch.ao.quantization._equalize`.
 
-    /opt/aimetenv/bin/python scripts/bench_peers.py [--section cle-time|agreement|simulation] [--limit 2000 | --full]
+    /opt/aimetenv/bin/python scripts/bench_peers.py [--section cle-time|agreement|simulation|sweep] [--limit 2000 | --full]
 
 Sections (each one function, registered in SECTIONS):
 * cle-time: wall time of cross-layer equalization on torchvision ResNet18 / MobileNetV2 (random weights, randomized BN
   statistics, input (1, 3, 224, 224)) and on the two CIFAR-10 checkpoints (input (1, 3, 32, 32)). "first call" is the
   call in a fresh process (graph tracing and any lazy set-up included; imports and model building excluded), median
-  over `--fresh-runs` processes; "repeated call" is the median of `--repeats` further calls, each on a fresh deep copy.
+  over `--fresh-runs` processes; "repeated call" is the median of `--repeats` further calls, each on a fresh deep copy;
+  the tools take turns run by run, so that load changes on the shared machine hit all of them alike.
   Garbage is collected before, and collection held off during, every timed call (as timeit does).
   clebench: `equalize_model(model, shape)` (BN fold, ReLU6 -> ReLU, CLS, high-bias fold). AIMET: its `equalize_model`
   on a copy whose ReLU6s are already ReLUs (AIMET >= 2.4 warns and leaves conv -> ReLU6 -> conv unscaled).
@@ -22,6 +23,12 @@ Sections (each one function, registered in SECTIONS):
   QuantizationSimModel (set up as in scripts/_peers.py) and the plain FP32 checkpoint (BN unfolded), on the same
   CIFAR-10 test images (`--limit`, default 2000; `--full`: all 10,000), calibrated on the same 512 train images.
   Median of `--eval-repeats` passes; sim set-up (fold, build, calibrate) is reported separately.
+* sweep: `clebench sweep configs/cifar10.toml` (the `paper` preset, W8/W6/W4 per-tensor and W8 per-channel) on each
+  CIFAR-10 checkpoint in a fresh process, on `--limit` test images (`--full`: all 10,000; about an hour per model on
+  a 2-core CPU): its wall time and peak resident memory (as the sweep records them in meta.json), and the FP32 and
+  quantized evaluations it made against the rows and against the minimum, found here independently by applying each
+  row's FP32 steps to a fresh copy of the model and counting distinct models (and distinct model / bias correction /
+  setting triples).
 
 Every run prints its tables and merges its rows into results/bench/peers.csv (rows of the sections run now replace
 older ones) and rewrites results/bench/peers.md from it. The machine is shared, so ratios are what matter. Without
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import tempfile
 import datetime
 import gc
 import json
@@ -53,12 +61,14 @@ from torch.ao.quantization import _equalize as torch_ao
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _peers  # noqa: E402  (the scripts' shared helpers live beside them)
 
-from clebench import layers  # noqa: E402
+from clebench import graph, layers, steps  # noqa: E402
 from clebench.batch_norm_fold import fold_all_batch_norms  # noqa: E402
 from clebench.cross_layer_equalization import CrossLayerScaling, equalize_model  # noqa: E402
 from clebench.data import batches  # noqa: E402
 from clebench.evaluation import evaluate  # noqa: E402
-from clebench.models import model_preprocessing  # noqa: E402
+from clebench.config import load_config  # noqa: E402
+from clebench.models import load_model, model_preprocessing  # noqa: E402
+from clebench.sweep import fingerprint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CLE_MODELS = _peers.IMAGENET_SHAPE_MODELS + _peers.CIFAR_MODELS
@@ -162,15 +172,32 @@ def first_call_seconds(tool: str, model_name: str, args: argparse.Namespace) -> 
     return json.loads(lines[-1])["seconds"]
 
 
-def time_cle(tool: str, model_name: str, bench: Bench) -> tuple[float, float]:
-    """(median first-call seconds over fresh processes, median repeated-call seconds in this process)."""
+def time_cle(tools: list[str], model_name: str, bench: Bench) -> tuple[dict[str, tuple[float, float]], dict[str, str]]:
+    """({tool: (median first-call seconds over fresh processes, median repeated-call seconds)}, {tool: failure}).
+
+    The tools take turns, run by run, so that load changes on a shared machine hit every tool alike.
+    """
     args = bench.args
-    first = statistics.median(first_call_seconds(tool, model_name, args) for _ in range(args.fresh_runs))
     model, shape = _peers.bench_model(model_name, args.models_dir)
-    make = cle_call_factory(tool, model, shape, bench.aimet)
-    make()()  # warm-up: the first call was measured above
-    repeated = statistics.median(_timed(make()) for _ in range(args.repeats))
-    return first, repeated
+    makers, failures = {}, {}
+    for tool in tools:
+        try:
+            makers[tool] = cle_call_factory(tool, model, shape, bench.aimet)
+            makers[tool]()()  # warm-up; the first call is measured in fresh processes below
+        except Exception as error:  # a peer failing on a model is a result; clebench failing is a bug
+            if tool == "clebench":
+                raise
+            makers.pop(tool, None)
+            failures[tool] = _peers.aimet_error(error) if tool == "aimet" else f"torch.ao failed: {type(error).__name__}: {error}"
+    first = {tool: [] for tool in makers}
+    repeated = {tool: [] for tool in makers}
+    for _ in range(args.fresh_runs):
+        for tool in makers:
+            first[tool].append(first_call_seconds(tool, model_name, args))
+    for _ in range(args.repeats):
+        for tool, make in makers.items():
+            repeated[tool].append(_timed(make()))
+    return {tool: (statistics.median(first[tool]), statistics.median(repeated[tool])) for tool in makers}, failures
 
 
 def _timed(call: Callable[[], object]) -> float:
@@ -189,20 +216,14 @@ def section_cle_time(bench: Bench) -> SectionResult:
     result = SectionResult()
     tools = [t for t in CLE_TOOLS if t != "aimet" or bench.aimet is not None]
     for model_name in bench.args.cle_models:
-        seconds: dict[str, tuple[float, float]] = {}
-        for tool in tools:
-            try:
-                seconds[tool] = time_cle(tool, model_name, bench)
-            except Exception as error:  # a peer failing on a model is a result; clebench failing is a bug
-                if tool == "clebench":
-                    raise
-                note = _peers.aimet_error(error) if tool == "aimet" else f"torch.ao failed: {type(error).__name__}: {error}"
-                result.rows.append(Row(model_name, "first call", tool, math.nan, "ms", note))
-                continue
-            for measure, value in zip(("first call", "repeated call"), seconds[tool]):
+        seconds, failures = time_cle(tools, model_name, bench)
+        for tool, note in failures.items():
+            result.rows.append(Row(model_name, "first call", tool, math.nan, "ms", note))
+        for tool, values in seconds.items():
+            for measure, value in zip(("first call", "repeated call"), values):
                 result.rows.append(Row(model_name, measure, tool, 1000 * value, "ms"))
-            print(f"  cle-time {model_name} {tool}: first {1000 * seconds[tool][0]:.1f} ms, "
-                  f"repeated {1000 * seconds[tool][1]:.1f} ms", flush=True)
+            print(f"  cle-time {model_name} {tool}: first {1000 * values[0]:.1f} ms, repeated {1000 * values[1]:.1f} ms",
+                  flush=True)
         if "aimet" in seconds:
             for index, measure in enumerate(("first call", "repeated call")):
                 speedup = seconds["aimet"][index] / seconds["clebench"][index]
@@ -369,10 +390,73 @@ def section_simulation(bench: Bench) -> SectionResult:
     return result
 
 
+# ---------------------------------------------------------------------------------------------------- sweep
+
+SWEEP_CONFIG = REPO / "configs" / "cifar10.toml"
+
+
+def minimum_evaluations(model: nn.Module, model_name: str, combinations: list[steps.Combination],
+                        quant_names: list[str]) -> tuple[int, int, int]:
+    """(rows, distinct FP32 models, distinct quantized models) of the sweep, each row's steps applied from scratch."""
+    fp32_models, quantized_models, rows = set(), set(), 0
+    for combination in combinations:
+        try:
+            steps.check_for_model(combination, model, model_name)
+        except steps.StepError:
+            continue
+        fp32_steps, correction = steps.split_combination(combination)
+        state = steps.PipelineState(graph.prepare_model(copy.deepcopy(model)))
+        for step in fp32_steps:
+            steps.apply_fp32_step(step, state)
+        model_print = fingerprint(state.model)
+        fp32_models.add(model_print)
+        quantized_models |= {(model_print, correction, quant) for quant in quant_names}
+        rows += len(quant_names)
+    return rows, len(fp32_models), len(quantized_models)
+
+
+def sweep_for(model_name: str, bench: Bench, result: SectionResult) -> None:
+    args = bench.args
+    config = load_config(SWEEP_CONFIG)
+    with tempfile.TemporaryDirectory() as folder:
+        command = [sys.executable, "-m", "clebench", "sweep", str(SWEEP_CONFIG), "--models", model_name,
+                   "--out", folder, "--no-progress"]
+        command += [] if args.full else ["--limit", str(args.limit)]
+        command += [option for option, value in (("--data-root", args.data), ("--models-dir", args.models_dir))
+                    for option in (option, value) if value is not None]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        work = json.loads((Path(folder) / "meta.json").read_text())["last_run_work"]
+        images = int(pd.read_csv(Path(folder) / "results.csv")["n_images"].iloc[0])
+    rows, fp32_minimum, quantized_minimum = minimum_evaluations(
+        load_model(model_name, models_dir=args.models_dir), model_name, config.combinations,
+        [quant.name for quant in config.quant_configs])
+    note = f"{images} test images, {work['rows']} rows"
+    result.rows += [
+        Row(model_name, "wall time", "clebench", work["wall_seconds"], "s", note),
+        Row(model_name, "peak resident memory", "clebench", work["peak_memory_mib"], "MiB"),
+        Row(model_name, "FP32 evaluations (rows / minimum)", "clebench", work["fp32_evaluations"], "passes",
+            f"{rows} / {fp32_minimum}"),
+        Row(model_name, "quantized evaluations (rows / minimum)", "clebench", work["quantized_evaluations"], "passes",
+            f"{rows} / {quantized_minimum}"),
+    ]
+    print(f"  sweep {model_name}: {work['wall_seconds']:.0f} s, {work['peak_memory_mib']:.0f} MiB", flush=True)
+    result.target(model_name, "sweep rows = config rows", work["rows"], "rows", work["rows"] == rows)
+    minimal = (work["fp32_evaluations"], work["quantized_evaluations"]) == (fp32_minimum, quantized_minimum)
+    result.target(model_name, "evaluations = minimum (FP32, quantized)", float(minimal), "bool", minimal)
+
+
+def section_sweep(bench: Bench) -> SectionResult:
+    result = SectionResult()
+    for model_name in _peers.CIFAR_MODELS:
+        sweep_for(model_name, bench, result)
+    return result
+
+
 SECTIONS: dict[str, Callable[[Bench], SectionResult]] = {
     "cle-time": section_cle_time,
     "agreement": section_agreement,
     "simulation": section_simulation,
+    "sweep": section_sweep,
 }
 
 
