@@ -20,6 +20,14 @@ def real_images(name: str, dataset: str, split: str, n: int) -> torch.Tensor:
     return next(data.batches(images, n, preprocessing))[0]
 
 
+@pytest.mark.parametrize("channel_axis", [1, -1])
+def test_channel_clipped_relu_hand_computed(channel_axis):
+    clip = ChannelClippedReLU(torch.tensor([6.0, 0.5]), channel_axis=channel_axis)
+    x = torch.tensor([[-1.0, 7.0], [8.0, 0.25]])  # [N, C]: channel 0 clips at 6, channel 1 at 0.5
+    x = x.view(2, 2, 1, 1) if channel_axis == 1 else x.view(1, 2, 2)
+    assert torch.equal(clip(x).reshape(2, 2), torch.tensor([[0.0, 0.5], [6.0, 0.25]]))
+
+
 def fold_then_clip(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list, list]:
     """(BN-folded logits, logits after CLS with relu6='clip', folded pairs, CLS infos)."""
     with torch.no_grad():
