@@ -2,8 +2,9 @@
 
 Work that rows share is done once: each model and data split is loaded once; each FP32 step prefix is computed once
 (one deep copy per prefix); FP32 accuracy is measured once per distinct model (models are identified by a hash of
-their weights and modules, so a step that changes nothing, such as relu6_to_relu on ResNet18, costs nothing); and
-each distinct (model, bias correction, quantization setting) is calibrated and evaluated once.
+their weights and modules, so a step that changes nothing, such as relu6_to_relu on ResNet18, costs nothing); each
+distinct (model, bias correction, quantization setting) is evaluated once; and activation ranges are observed once per
+distinct FP32 model and activation setting (weight settings do not change them).
 
 Rows are written as they finish (atomically, in config order), so an interrupted sweep loses nothing and a re-run
 of the same config skips finished rows.
@@ -98,6 +99,7 @@ class ModelRun:
     prefixes: dict[steps.Combination, tuple[steps.PipelineState, str]] = field(default_factory=dict)
     fp32: dict[str, dict] = field(default_factory=dict)  # fingerprint -> accuracy
     quantized: dict[tuple[str, str | None, str], dict] = field(default_factory=dict)
+    activation_ranges: dict[tuple, dict[str, tuple[float, float]]] = field(default_factory=dict)
 
 
 class Sweep:
@@ -230,7 +232,7 @@ class Sweep:
         if key in run.quantized:
             return run.quantized[key]
         calibration = run.calibration_batches
-        model = state.model
+        model, model_print = state.model, print_
         if correction is not None:
             corrected = copy.deepcopy(state)
             method = steps.BIAS_CORRECTION_STEPS[correction]
@@ -238,16 +240,26 @@ class Sweep:
                 corrected.model, quant, bn_map=corrected.bn_map, cls_set_infos=corrected.cls_infos, method=method,
                 batches=calibration if method == "empirical" else None,
             )
-            model = corrected.model
+            model, model_print = corrected.model, fingerprint(corrected.model)
         sim = QuantSim(model, calibration[0][0][:1], quant)
-        sim.calibrate(calibration, progress=False)
-        self.work.calibrations += 1
+        sim.set_activation_ranges(self._activation_ranges(run, sim, model_print, quant))
         run.quantized[key] = evaluate(
             sim.model, self._batches(run.eval_set, run.preprocessing), self.device, progress=self.progress,
             desc=f"{run.spec.name} {quant.name}",
         )
         self.work.quantized_evaluations += 1
         return run.quantized[key]
+
+    def _activation_ranges(self, run: ModelRun, sim: QuantSim, model_print: str, quant: QuantConfig) -> dict:
+        """Observed once per simulated FP32 model and activation setting (AIMET's rules observe quantized weights)."""
+        key = None if quant.aimet_rules else (model_print, quant.act_bits, quant.calibration, quant.percentile)
+        if key not in run.activation_ranges:
+            ranges = sim.observe(run.calibration_batches, progress=False)
+            self.work.calibrations += 1
+            if key is None:
+                return ranges
+            run.activation_ranges[key] = ranges
+        return run.activation_ranges[key]
 
     def _record_ranges(self, model_name: str, fp32_steps: steps.Combination, model: nn.Module) -> None:
         """Append this prefix's per-layer ranges (and the Fig. 2 layers' channel statistics) to the CSVs."""

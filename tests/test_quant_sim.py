@@ -91,6 +91,17 @@ def test_aimet_rules_calibrate_with_quantized_weights():
     assert quantized_relu.max().item() != pytest.approx(torch.relu(model.conv1(x)).max().item(), rel=1e-3)
 
 
+def test_observed_ranges_serve_every_weight_setting_and_must_name_every_quantizer():
+    model, x = toy(), inputs()
+    ranges = QuantSim(model, x[:1], QuantConfig(weight_bits=8)).observe([x], progress=False)
+    shared, own = QuantSim(model, x[:1], QuantConfig(weight_bits=4)), QuantSim(model, x[:1], QuantConfig(weight_bits=4))
+    shared.set_activation_ranges(ranges)
+    own.calibrate([x], progress=False)
+    assert shared.encodings() == own.encodings() and torch.equal(shared.model(x), own.model(x))
+    with pytest.raises(ValueError, match=r"missing \['x'\], unknown \['y'\]"):
+        shared.set_activation_ranges({**{k: v for k, v in ranges.items() if k != "x"}, "y": (0.0, 1.0)})
+
+
 def test_batches_may_be_tensors_or_labelled_tuples():
     model, x = toy(), inputs()
     a, b = QuantSim(model, x[:1]), QuantSim(model, x[:1])

@@ -60,8 +60,9 @@ def test_sweep_writes_every_row_once_and_twice_is_byte_identical(config_file, un
     assert len(rows) == 8 and not rows.duplicated(KEY_COLUMNS).any()
     assert (rows["n_images"] == 20).all() and (rows["n_calibration"] == 20).all()
     work = json.loads((uninterrupted / "meta.json").read_text())["last_run_work"]
-    # 4 distinct FP32 models (the BC row shares its prefix's), 8 distinct quantized ones
-    assert (work["rows"], work["fp32_evaluations"], work["calibrations"], work["quantized_evaluations"]) == (8, 4, 8, 8)
+    # 4 distinct FP32 models (the BC row shares its prefix's), 8 distinct quantized ones; activation ranges once per
+    # FP32 model, but per setting after bias correction (which gives each weight setting its own FP32 model)
+    assert (work["rows"], work["fp32_evaluations"], work["calibrations"], work["quantized_evaluations"]) == (8, 4, 5, 8)
     assert work["wall_seconds"] > 0 and work["peak_memory_mib"] > 100
     again = tmp_path / "again"
     assert run_sweep(config_file, again).returncode == 0

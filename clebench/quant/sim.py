@@ -263,13 +263,27 @@ class QuantSim:
         batches: input tensors, or (inputs, labels) tuples such as a DataLoader yields. Calling it again
         recalibrates from scratch; on an error the previous encodings stay.
         """
+        self.set_activation_ranges(self.observe(batches, progress=progress))
+
+    def observe(self, batches: Iterable, *, progress: bool = True) -> dict[str, tuple[float, float]]:
+        """{activation quantizer name: (min, max) to encode}, from one pass over `batches`; encodings are untouched.
+
+        The ranges depend on the FP32 model and the activation settings (act_bits, calibration, percentile) only, not
+        on the weight settings (except under config.aimet_rules), so one observation can serve several sims.
+        """
         if not self._quantizers:
-            return
+            return {}
         try:
-            ranges = self._observe(batches, progress)
+            return self._observe(batches, progress)
         finally:
             for quantizer in self._quantizers.values():
                 quantizer.observer = None
+
+    def set_activation_ranges(self, ranges: dict[str, tuple[float, float]]) -> None:
+        """Freeze every activation encoding from {quantizer name: (min, max)}, as `observe` returns them."""
+        if set(ranges) != set(self._quantizers):
+            missing, unknown = sorted(set(self._quantizers) - set(ranges)), sorted(set(ranges) - set(self._quantizers))
+            raise ValueError(f"activation ranges must name every quantizer once: missing {missing}, unknown {unknown}")
         for name, (low, high) in ranges.items():
             encoding = asymmetric_encoding(torch.tensor(low), torch.tensor(high), self.config.act_bits)
             self._quantizers[name].freeze(encoding)
@@ -277,7 +291,6 @@ class QuantSim:
             self._quantize_biases()
 
     def _observe(self, batches: Iterable, progress: bool) -> dict[str, tuple[float, float]]:
-        """{quantizer name: (min, max) to encode}, from one pass with every quantizer observing."""
         for quantizer in self._quantizers.values():
             quantizer.observer = make_observer(self.config)
         parameter = next(self.model.parameters(), None)
