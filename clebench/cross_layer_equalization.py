@@ -240,14 +240,17 @@ def _fold_pair_bias(pair: ClsSetInfo.ClsSetLayerPairInfo, bn: nn.Module) -> None
         absorbed = torch.clamp(beta - 3.0 * gamma.abs(), min=0.0)
     else:
         absorbed = beta
+    if pair.clip is not None:
+        # clamp(x, 0, u) = clamp(x - c, 0, u - c) + c wherever x >= c, so c may not exceed u
+        absorbed = torch.minimum(absorbed, pair.clip.upper)
+    pair.absorbed_bias = absorbed
+    if not absorbed.any():  # common in trained networks (beta <= 3|gamma| everywhere); the updates would add zeros
+        return
     with torch.no_grad():
         if pair.clip is not None:
-            # clamp(x, 0, u) = clamp(x - c, 0, u - c) + c wherever x >= c, so c may not exceed u
-            absorbed = torch.minimum(absorbed, pair.clip.upper)
             pair.clip.upper.sub_(absorbed)
         bias1.sub_(absorbed)
         layer2.bias.add_(layers.constant_input_response(layer2, absorbed))
-    pair.absorbed_bias = absorbed
 
 
 def equalize_model(
