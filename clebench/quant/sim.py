@@ -296,7 +296,8 @@ class QuantSim:
         parameter = next(self.model.parameters(), None)
         device = parameter.device if parameter is not None else None
         seen = 0
-        restored = [name for name in self._fp32_values if not (self.config.aimet_rules and name.endswith(".weight"))]
+        # AIMET's rules observe with the quantized weights; only (int32) biases get their FP32 values back
+        restored = [f"{name}.bias" for name in self._bias_encodings] if self.config.aimet_rules else self._fp32_values
         with self._float_parameters(restored), torch.no_grad():
             for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
                 self.model(*(x.to(device) for x in batch_inputs(batch)))
