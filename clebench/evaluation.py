@@ -12,7 +12,10 @@ TOP_K = (1, 5)
 
 def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu", *, progress: bool = True,
              desc: str | None = None) -> dict:
-    """{"top1": %, "top5": %, "n": images} of `model` (moved to `device`, run in eval mode) on `loader`.
+    """{"top1": %, "top5": %, "n": images, "predictions": int64 [n]} of `model` on `loader`.
+
+    The model is moved to `device` and run in eval mode; "predictions" holds each image's top-1 class, on the CPU,
+    in loader order (what a regression gate compares image by image).
 
     loader yields (inputs [B, ...], int labels [B]); the model must return logits [B, classes]. With fewer than
     5 classes, top-5 counts all of them. The model's train/eval mode is restored afterwards.
@@ -23,6 +26,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "c
     model.to(device).eval()
     correct = dict.fromkeys(TOP_K, 0)
     seen = 0
+    predictions = []
     try:
         with torch.inference_mode():
             for batch in tqdm(loader, desc=desc or "evaluating", unit="batch", disable=not progress):
@@ -34,12 +38,14 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "c
                 hits = ranked == labels.view(-1, 1)
                 for k in TOP_K:
                     correct[k] += int(hits[:, :k].any(dim=1).sum())
+                predictions.append(ranked[:, 0].cpu())
                 seen += len(labels)
     finally:
         model.train(was_training)
     if not seen:
         raise ValueError("the loader yielded no images: evaluate needs at least one (inputs, labels) batch")
-    return {"top1": 100.0 * correct[1] / seen, "top5": 100.0 * correct[5] / seen, "n": seen}
+    return {"top1": 100.0 * correct[1] / seen, "top5": 100.0 * correct[5] / seen, "n": seen,
+            "predictions": torch.cat(predictions)}
 
 
 def _split(batch: object) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,6 +31,7 @@ def test_top1_top5_hand_counted():
     model = FixedLogits(logits).train()
     loader = [(torch.tensor([0, 1]), labels[:2]), (torch.tensor([2]), labels[2:])]
     result = evaluate(model, loader, progress=False)
+    assert result.pop("predictions").tolist() == [0, 1, 0]  # each image's top-1 class, in loader order
     assert result == {"top1": pytest.approx(100 / 3), "top5": pytest.approx(200 / 3), "n": 3}
     assert model.training  # restored after evaluating in eval mode (the dropout would have changed the ranking)
 
@@ -38,6 +39,7 @@ def test_top1_top5_hand_counted():
 def test_fewer_than_five_classes_counts_all_in_top5():
     model = FixedLogits(torch.tensor([[1.0, 2.0], [2.0, 1.0]]))
     result = evaluate(model, [(torch.tensor([0, 1]), torch.tensor([0, 0]))], progress=False)
+    result.pop("predictions")
     assert result == {"top1": 50.0, "top5": 100.0, "n": 2}
 
 
