@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from clebench.regression import DEFAULT_MIN_IMAGES
+
 EXAMPLES = """examples:
   clebench sweep configs/cifar10_ci.toml --data-root ../shared/data --models-dir ../shared/models
   clebench report runs/cifar10_ci
@@ -20,6 +22,13 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
     return value
 
 
@@ -75,11 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     ranges.add_argument("--plot", type=Path, help="also write the per-layer range-ratio plot to this PNG")
 
     check = commands.add_parser("check", help="compare a sweep with a committed baseline (CI gate)",
-                                description="Exit 1 when a quantized accuracy fell more than --tolerance points below the "
-                                "baseline, a baseline row is missing, or the configuration differs.")
+                                description="Exit 1 when a quantized accuracy fell more than --tolerance points and more "
+                                "than --min-images images below the baseline, a baseline row is missing, or the "
+                                "configuration differs. Reports per row how many images changed prediction.")
     check.add_argument("results_dir", type=Path, help="folder written by `clebench sweep`")
     check.add_argument("--baseline", type=Path, required=True, help="baseline JSON file")
     check.add_argument("--tolerance", type=non_negative_float, default=0.5, help="allowed top-1 drop in points (default: 0.5)")
+    check.add_argument("--min-images", type=non_negative_int, default=DEFAULT_MIN_IMAGES,
+                       help=f"allowed top-1 drop in images; a row fails only past both limits (default: {DEFAULT_MIN_IMAGES})")
     check.add_argument("--write-baseline", action="store_true", help="write the baseline from the results instead of checking")
     return parser
 
@@ -87,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_sweep(args: argparse.Namespace) -> int:
     from clebench.config import load_config
     from clebench.report import write_report
-    from clebench.sweep import Sweep
+    from clebench.sweep import run_sweep
 
     config = load_config(args.config)
     if args.limit is not None:
@@ -96,12 +108,12 @@ def run_sweep(args: argparse.Namespace) -> int:
         config = config.with_models(args.models)
     out = args.out or Path("runs") / args.config.stem
     command = "clebench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    sweep = Sweep(config, out, data_root=args.data_root, models_dir=args.models_dir, device=args.device,
-                  progress=not args.no_progress, command=command)
-    results = sweep.run()
+    outcome = run_sweep(config, out, data_root=args.data_root, models_dir=args.models_dir, device=args.device,
+                        progress=not args.no_progress, command=command)
     (out / "config.toml").write_text(args.config.read_text())
     written = write_report(out)
-    print(f"{len(results)} rows in {out / 'results.csv'}; work this run: {sweep.work.__dict__}")
+    print(f"{len(outcome.table)} rows in {out / 'results.csv'} ({outcome.wall_seconds:.0f} s); "
+          f"work this run: {outcome.work.__dict__}")
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
@@ -143,11 +155,13 @@ def run_check(args: argparse.Namespace) -> int:
 
     results_csv = args.results_dir / "results.csv"
     config = regression.results_config(args.results_dir)
+    device = regression.results_device(args.results_dir)
     if args.write_baseline:
-        regression.write_baseline(results_csv, args.baseline, config)
+        regression.write_baseline(results_csv, args.baseline, config, device)
         print(f"wrote {args.baseline}")
         return 0
-    result = regression.check(results_csv, args.baseline, tolerance=args.tolerance, config=config)
+    result = regression.check(results_csv, args.baseline, tolerance=args.tolerance, config=config,
+                              min_images=args.min_images, device=device)
     print(regression.format_check(result))
     return 0 if result.ok else 1
 

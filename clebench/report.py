@@ -21,7 +21,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import LogFormatter, MaxNLocator
 
-from clebench.ranges import CHANNEL_COLUMNS, LAYER_COLUMNS
+from clebench.results import CHANNEL_RANGES_COLUMNS, KEY_COLUMNS, RANGES_COLUMNS, RESULT_COLUMNS
 
 NO_STEPS = "none"
 STEP_ORDER = (
@@ -41,11 +41,6 @@ STEP_LABELS = {
 ABBREVIATIONS = ("BN fold: batch-norm folding; CLS: cross-layer scaling (ReLU6 kept: chains end at ReLU6; ReLU6 clip: "
                  "scaled through ReLU6, made a per-channel clip); HBF: high-bias folding; BC: analytical bias correction "
                  "(empirical: from calibration data).")
-RESULTS_NUMBERS = ["fp32_top1", "fp32_top5", "quant_top1", "quant_top5", "delta_top1", "n_images", "n_calibration", "seconds"]
-RESULTS_COLUMNS = ["model", "dataset", "steps", "quant", *RESULTS_NUMBERS, "config_hash"]
-RANGES_COLUMNS = ["model", "steps", *LAYER_COLUMNS]
-CHANNEL_RANGES_COLUMNS = ["model", "steps", *CHANNEL_COLUMNS]
-RESULT_KEY = ["model", "dataset", "steps", "quant"]
 MISSING = "—"
 DPI = 150
 
@@ -160,8 +155,8 @@ def _deduplicated(results: pd.DataFrame) -> tuple[pd.DataFrame, int]:
 
     Keeping first-appearance positions keeps the model and quant-setting order of the tables stable.
     """
-    order = results.drop_duplicates(RESULT_KEY, keep="first")[RESULT_KEY]
-    kept = order.merge(results.drop_duplicates(RESULT_KEY, keep="last"), on=RESULT_KEY, how="left")
+    order = results.drop_duplicates(KEY_COLUMNS, keep="first")[KEY_COLUMNS]
+    kept = order.merge(results.drop_duplicates(KEY_COLUMNS, keep="last"), on=KEY_COLUMNS, how="left")
     return kept, len(results) - len(kept)
 
 
@@ -327,7 +322,7 @@ def write_report(results_dir: Path) -> list[Path]:
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise FileNotFoundError(f"results directory {results_dir} does not exist; pass the directory the sweep wrote")
-    results = read_table(results_dir / "results.csv", RESULTS_COLUMNS, ["model", "dataset", "steps", "quant", "config_hash"])
+    results = read_table(results_dir / "results.csv", RESULT_COLUMNS, [*KEY_COLUMNS, "config_hash"])
     markdown_path = results_dir / "results.md"
     markdown_path.write_text(results_markdown(results), encoding="utf-8")
     written = [markdown_path]

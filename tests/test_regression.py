@@ -11,7 +11,7 @@ import pytest
 from clebench import cli
 from clebench.config import load_config
 from clebench.regression import (
-    RESULTS_COLUMNS,
+    RESULT_COLUMNS,
     assert_no_regression,
     check,
     config_differences,
@@ -51,7 +51,7 @@ BASELINE_ROWS = [
 
 def write_results(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows, columns=RESULTS_COLUMNS).to_csv(path, index=False)
+    pd.DataFrame(rows, columns=RESULT_COLUMNS).to_csv(path, index=False)
     return path
 
 
@@ -68,7 +68,7 @@ def statuses(result) -> list[str]:
 
 def test_baseline_round_trip_passes_and_ignores_timing_and_hash(tmp_path, baseline):
     stored = json.loads(baseline.read_text())
-    assert stored["config"] == CONFIG and [list(r) for r in stored["rows"]] == [RESULTS_COLUMNS] * 3
+    assert stored["config"] == CONFIG and [list(r) for r in stored["rows"]] == [RESULT_COLUMNS] * 3
     assert stored["rows"][0]["quant_top1"] == 71.3 and stored["rows"][0]["steps"] == "none"
     rerun = [r | {"seconds": 99.0, "config_hash": "ffffffffffff"} for r in BASELINE_ROWS]
     result = check(write_results(tmp_path / "results.csv", rerun), baseline, config=CONFIG)
@@ -78,11 +78,11 @@ def test_baseline_round_trip_passes_and_ignores_timing_and_hash(tmp_path, baseli
 
 def test_drop_of_exactly_the_tolerance_passes_and_more_fails(tmp_path, baseline):
     rows = [BASELINE_ROWS[0] | {"quant_top1": 70.8}, BASELINE_ROWS[1] | {"quant_top1": 89.49}, BASELINE_ROWS[2]]
-    result = check(write_results(tmp_path / "results.csv", rows), baseline, tolerance=0.5, config=CONFIG)
+    result = check(write_results(tmp_path / "results.csv", rows), baseline, tolerance=0.5, config=CONFIG, min_images=0)
     assert statuses(result) == ["ok", "regressed", "ok"] and not result.ok
     assert result.table["delta"].tolist() == [-0.5, -0.51, 0.0]
     assert len(result.problems) == 1 and "resnet18_cifar10/cifar10/bn_fold+cls" in result.problems[0]
-    assert "89.49 is 0.51 points below the baseline 90.00" in result.problems[0]
+    assert "89.49 is 0.51 points (1 images) below the baseline 90.00" in result.problems[0]
     assert check(tmp_path / "results.csv", baseline, tolerance=0.51, config=CONFIG).ok
 
 
@@ -126,10 +126,13 @@ def test_format_check_shows_side_by_side_table_and_reasons(tmp_path, baseline):
     rows = [BASELINE_ROWS[0] | {"quant_top1": 60.0}] + BASELINE_ROWS[1:]
     text = format_check(check(write_results(tmp_path / "results.csv", rows), baseline, config=CONFIG))
     lines = text.splitlines()
-    assert lines[0] == "clebench check: FAIL (2 ok, 1 regressed; tolerance 0.5 top-1 points)"
-    assert lines[1].split() == ["model", "dataset", "steps", "quant", "baseline", "current", "delta", "status"]
-    assert lines[2].split() == ["resnet18_cifar10", "cifar10", "none", "w8a8_per_tensor_minmax", "71.30", "60.00", "-11.30", "regressed"]
-    assert lines[-1].startswith("FAIL  resnet18_cifar10/cifar10/none/w8a8_per_tensor_minmax: quant_top1 60.00 is 11.30 points below")
+    assert lines[0] == "clebench check: FAIL (2 ok, 1 regressed; a row fails below 0.5 top-1 points and 3 images)"
+    assert lines[1].split() == ["model", "dataset", "steps", "quant", "baseline", "current", "delta", "changed",
+                                "right<>wrong", "status"]
+    assert lines[2].split() == ["resnet18_cifar10", "cifar10", "none", "w8a8_per_tensor_minmax", "71.30", "60.00", "-11.30",
+                                "-", "-", "regressed"]
+    assert lines[3 + len(rows) - 1].startswith(
+        "FAIL  resnet18_cifar10/cifar10/none/w8a8_per_tensor_minmax: quant_top1 60.00 is 11.30 points (11 images) below")
 
 
 def test_missing_and_malformed_files_raise_errors_naming_them(tmp_path, baseline):
@@ -171,9 +174,10 @@ def test_assert_no_regression_reads_config_toml_from_the_results_dir(tmp_path):
     write_baseline(run / "results.csv", tmp_path / "baseline.json", load_config(run / "config.toml").to_dict())
     assert_no_regression(run, tmp_path / "baseline.json")
     write_results(run / "results.csv", [BASELINE_ROWS[0] | {"quant_top1": 70.0}] + BASELINE_ROWS[1:])
-    with pytest.raises(AssertionError, match=r"(?s)FAIL \(2 ok, 1 regressed.*71\.30 +70\.00 +-1\.30 +regressed"):
-        assert_no_regression(run, tmp_path / "baseline.json")
-    assert_no_regression(run, tmp_path / "baseline.json", tolerance=1.5)
+    with pytest.raises(AssertionError, match=r"(?s)FAIL \(2 ok, 1 regressed.*71\.30 +70\.00 +-1\.30 .*regressed"):
+        assert_no_regression(run, tmp_path / "baseline.json", min_images=0)
+    assert_no_regression(run, tmp_path / "baseline.json", tolerance=1.5, min_images=0)
+    assert_no_regression(run, tmp_path / "baseline.json")  # 1 image of 100 is within the default 3 images
     (run / "config.toml").write_text(CONFIG_TOML.replace("limit = 100", "limit = 200"))
     with pytest.raises(AssertionError, match="config differs: data.limit: baseline 100, current 200"):
         assert_no_regression(run, tmp_path / "baseline.json", tolerance=1.5)

@@ -10,8 +10,8 @@ from matplotlib.image import imread
 from torch import nn
 
 from clebench.ranges import channel_stats, layer_ranges
+from clebench.results import RESULT_COLUMNS
 from clebench.report import (
-    RESULTS_COLUMNS,
     markdown_table,
     plot_layer_ranges,
     sorted_steps,
@@ -59,7 +59,7 @@ def _with_keys(frame: pd.DataFrame, steps: str) -> pd.DataFrame:
 
 @pytest.fixture
 def results_dir(tmp_path: Path) -> Path:
-    pd.DataFrame(_results_rows(), columns=RESULTS_COLUMNS).to_csv(tmp_path / "results.csv", index=False)
+    pd.DataFrame(_results_rows(), columns=RESULT_COLUMNS).to_csv(tmp_path / "results.csv", index=False)
     before, after = _tiny_model(20.0), _tiny_model(1.0)
     ranges = [_with_keys(layer_ranges(m), s) for m, s in ((before, "bn_fold"), (after, "bn_fold+relu6_to_relu+cls"))]
     pd.concat(ranges).to_csv(tmp_path / "ranges.csv", index=False)
@@ -149,7 +149,7 @@ def test_missing_or_empty_results_are_clear_errors(tmp_path: Path):
     (tmp_path / "results.csv").write_text("")
     with pytest.raises(ValueError, match="results.csv is empty"):
         write_report(tmp_path)
-    (tmp_path / "results.csv").write_text(",".join(RESULTS_COLUMNS) + "\n")
+    (tmp_path / "results.csv").write_text(",".join(RESULT_COLUMNS) + "\n")
     with pytest.raises(ValueError, match="no rows"):
         write_report(tmp_path)
     pd.DataFrame(_results_rows()).drop(columns=["quant_top5"]).to_csv(tmp_path / "results.csv", index=False)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from clebench.sweep import KEY_COLUMNS, TIMING_COLUMNS
+from clebench.results import KEY_COLUMNS, TIMING_COLUMNS
 
 CONFIG = """
 models = ["mobilenet_v2_cifar10"]

@@ -1,0 +1,291 @@
+"""Execute one work unit of a sweep: build its FP32 prefixes, evaluate its rows, return rows and range statistics.
+
+`execute_unit` writes no results file, so it runs the same in the driver's process or as a Ray task. What it reads
+(checkpoints, images) is cached per process in `Resources`; work that several units may need (the FP32 accuracy of a
+model state, activation ranges, a quantized evaluation) goes through a `Memo` keyed by the model's fingerprint, kept
+in memory for a local run and on disk beside the results for a distributed one.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from clebench import data, graph, ranges, steps
+from clebench.bias_correction import correct_bias
+from clebench.config import FIRST_DEPTHWISE, ModelSpec, SweepConfig
+from clebench.evaluation import evaluate
+from clebench.models import Preprocessing, load_model, model_preprocessing
+from clebench.plan import WorkUnit, combination_of
+from clebench.quant import QuantConfig, QuantSim
+from clebench.results import RowKey, labels_name, prediction_name
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything besides a unit that executing it needs; plain data, so it travels to Ray workers."""
+
+    config: SweepConfig
+    data_root: Path
+    models_dir: Path | None = None
+    device: str = "cpu"
+    progress: bool = True
+
+
+@dataclass
+class Work:
+    """Forward passes over the data that were actually made, next to the rows they filled."""
+
+    rows: int = 0
+    fp32_evaluations: int = 0
+    calibrations: int = 0
+    quantized_evaluations: int = 0
+
+    def add(self, other: Work) -> None:
+        for item in fields(self):
+            setattr(self, item.name, getattr(self, item.name) + getattr(other, item.name))
+
+
+@dataclass
+class UnitResult:
+    """What a unit produced: results rows, per-layer and per-channel range tables, per-image predictions."""
+
+    unit: WorkUnit
+    rows: dict[RowKey, dict] = field(default_factory=dict)
+    layer_ranges: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)  # (model, steps) -> rows
+    channel_ranges: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)
+    predictions: dict[str, np.ndarray] = field(default_factory=dict)  # results.prediction_name -> int [N]
+    work: Work = field(default_factory=Work)
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Identity of a model's function: its module types and every parameter and buffer value."""
+    digest = hashlib.sha1()
+    digest.update(" ".join(type(m).__name__ for m in model.modules()).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Memo:
+    """Results of fingerprint-keyed work, shared by the units of one process."""
+
+    def __init__(self) -> None:
+        self._values: dict[tuple[str, str], Any] = {}
+
+    def get(self, kind: str, key: str) -> Any | None:
+        return self._values.get((kind, key))
+
+    def put(self, kind: str, key: str, value: Any) -> None:
+        self._values[(kind, key)] = value
+
+
+class DiskMemo(Memo):
+    """A memo that is also written to `folder` (one file per entry, atomically), so processes share it."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = Path(folder)
+
+    def _path(self, kind: str, key: str) -> Path:
+        return self.folder / kind / f"{hashlib.sha1(key.encode()).hexdigest()}.pt"
+
+    def get(self, kind: str, key: str) -> Any | None:
+        value = super().get(kind, key)
+        path = self._path(kind, key)
+        if value is None and path.is_file():
+            try:
+                value = torch.load(path, weights_only=True)
+            except Exception:  # a torn or foreign file is recomputed, never trusted
+                return None
+            super().put(kind, key, value)
+        return value
+
+    def put(self, kind: str, key: str, value: Any) -> None:
+        super().put(kind, key, value)
+        path = self._path(kind, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save(value, temporary)
+        os.replace(temporary, path)
+
+
+@dataclass
+class ModelInputs:
+    """One model, prepared for the pipeline, and the images its rows use."""
+
+    base: steps.PipelineState
+    preprocessing: Preprocessing
+    eval_set: data.ImageSet
+    calibration_set: data.ImageSet
+    calibration_batches: list[tuple[torch.Tensor, torch.Tensor]]  # normalized once, reused by every quantized row
+
+
+class Resources:
+    """Checkpoints and decoded images, loaded once per process and shared by the units it runs."""
+
+    def __init__(self, settings: Settings, loaded: dict[str, nn.Module] | None = None) -> None:
+        self.settings = settings
+        self._loaded = dict(loaded or {})
+        self._images: dict[tuple, data.ImageSet] = {}
+        self._inputs: dict[str, ModelInputs] = {}
+
+    def inputs(self, spec: ModelSpec) -> ModelInputs:
+        """The model's inputs; only the latest model's are kept (units arrive model by model)."""
+        if spec.name not in self._inputs:
+            self._inputs.clear()
+            self._inputs[spec.name] = self._prepare(spec)
+        return self._inputs[spec.name]
+
+    def _prepare(self, spec: ModelSpec) -> ModelInputs:
+        settings, config = self.settings, self.settings.config
+        model = self._loaded.pop(spec.name, None)
+        if model is None:
+            model = load_model(spec.name, models_dir=settings.models_dir, checkpoint=spec.checkpoint)
+        preprocessing = model_preprocessing(spec.name)
+        eval_set = self._image_set(config.data.eval_split, config.data.limit, preprocessing)
+        calibration_set = self._image_set(config.data.calibration_split, config.data.calibration, preprocessing)
+        base = steps.PipelineState(graph.prepare_model(model).to(settings.device).eval())
+        calibration_batches = list(data.batches(calibration_set, config.data.batch_size, preprocessing, settings.device))
+        return ModelInputs(base, preprocessing, eval_set, calibration_set, calibration_batches)
+
+    def _image_set(self, split: str, limit: int | None, preprocessing: Preprocessing) -> data.ImageSet:
+        key = (split, limit, preprocessing.resize, preprocessing.crop, preprocessing.interpolation)
+        if key not in self._images:
+            config = self.settings.config
+            self._images[key] = data.load_images(
+                config.data.dataset, split, self.settings.data_root, preprocessing, limit=limit, seed=config.data.seed,
+                progress=self.settings.progress,
+            )
+        return self._images[key]
+
+
+def execute_unit(unit: WorkUnit, settings: Settings, resources: Resources, memo: Memo) -> UnitResult:
+    """Compute every row of `unit` and the range statistics of the FP32 prefixes it builds."""
+    torch.manual_seed(0)
+    run = _UnitRun(unit, settings, resources.inputs(unit.model), memo)
+    for prefix in unit.prefixes:
+        run.build(prefix)
+    for key in unit.rows:
+        run.row(key)
+    return run.result
+
+
+class _UnitRun:
+    """The state of one unit while it executes: its prefix models and what it has produced."""
+
+    def __init__(self, unit: WorkUnit, settings: Settings, inputs: ModelInputs, memo: Memo) -> None:
+        self.settings, self.inputs, self.memo = settings, inputs, memo
+        self.device = torch.device(settings.device)
+        self.result = UnitResult(unit)
+        self.states: dict[steps.Combination, tuple[steps.PipelineState, str]] = {}
+        self.result.predictions[labels_name(unit.model.name, settings.config.data.dataset)] = inputs.eval_set.labels.numpy()
+
+    def build(self, prefix: steps.Combination) -> None:
+        """The FP32 state after `prefix` (its parent is built already); a step that changes nothing shares it."""
+        if not prefix:
+            state = self.inputs.base
+        else:
+            parent, parent_print = self.states[prefix[:-1]]
+            state = copy.deepcopy(parent)
+            if not steps.apply_fp32_step(prefix[-1], state):
+                self.states[prefix] = (parent, parent_print)
+                return
+        self.states[prefix] = (state, fingerprint(state.model))
+        self._record_ranges(prefix, state.model)
+
+    def _record_ranges(self, prefix: steps.Combination, model: nn.Module) -> None:
+        name, model_name = steps.combination_name(prefix), self.result.unit.model.name
+        chosen = [ranges.first_depthwise_conv(model) if layer == FIRST_DEPTHWISE else layer
+                  for layer in self.settings.config.range_layers]
+        chosen = [layer for layer in chosen if layer is not None]
+        key = (model_name, name)
+        self.result.layer_ranges[key] = ranges.layer_ranges(model).assign(model=model_name, steps=name)
+        self.result.channel_ranges[key] = ranges.channel_stats(model, chosen).assign(model=model_name, steps=name)
+
+    def row(self, key: RowKey) -> None:
+        started = time.perf_counter()
+        fp32_steps, correction = steps.split_combination(combination_of(key))
+        state, print_ = self.states[fp32_steps]
+        fp32 = self._fp32_accuracy(state, print_)
+        quant = self._quantized_accuracy(state, print_, correction, QuantConfig.from_name(key.quant))
+        self.result.predictions[prediction_name(key, "fp32")] = fp32["predictions"].numpy()
+        self.result.predictions[prediction_name(key, "quant")] = quant["predictions"].numpy()
+        self.result.rows[key] = {
+            **key._asdict(),
+            "fp32_top1": fp32["top1"], "fp32_top5": fp32["top5"], "quant_top1": quant["top1"], "quant_top5": quant["top5"],
+            "delta_top1": quant["top1"] - fp32["top1"], "n_images": quant["n"],
+            "n_calibration": len(self.inputs.calibration_set.labels),
+            "seconds": time.perf_counter() - started, "config_hash": self.settings.config.hash,
+        }
+        self.result.work.rows += 1
+
+    def _evaluate(self, model: nn.Module, desc: str) -> dict:
+        batches = data.batches(self.inputs.eval_set, self.settings.config.data.batch_size, self.inputs.preprocessing,
+                               self.device)
+        return evaluate(model, batches, self.device, progress=self.settings.progress, desc=desc)
+
+    def _fp32_accuracy(self, state: steps.PipelineState, print_: str) -> dict:
+        accuracy = self.memo.get("fp32", print_)
+        if accuracy is None:
+            accuracy = self._evaluate(state.model, f"{self.result.unit.model.name} FP32")
+            self.memo.put("fp32", print_, accuracy)
+            self.result.work.fp32_evaluations += 1
+        return accuracy
+
+    def _quantized_accuracy(self, state: steps.PipelineState, print_: str, correction: str | None,
+                            quant: QuantConfig) -> dict:
+        memo_key = f"{print_}|{correction}|{quant.name}"
+        accuracy = self.memo.get("quantized", memo_key)
+        if accuracy is not None:
+            return accuracy
+        calibration = self.inputs.calibration_batches
+        model, model_print = state.model, print_
+        if correction is not None:
+            corrected = copy.deepcopy(state)
+            method = steps.BIAS_CORRECTION_STEPS[correction]
+            correct_bias(
+                corrected.model, quant, bn_map=corrected.bn_map, cls_set_infos=corrected.cls_infos, method=method,
+                batches=calibration if method == "empirical" else None, progress=self.settings.progress,
+            )
+            model, model_print = corrected.model, fingerprint(corrected.model)
+        sim = QuantSim(model, calibration[0][0][:1], quant)
+        sim.set_activation_ranges(self._activation_ranges(sim, model_print, quant))
+        accuracy = self._evaluate(sim.model, f"{self.result.unit.model.name} {quant.name}")
+        self.memo.put("quantized", memo_key, accuracy)
+        self.result.work.quantized_evaluations += 1
+        return accuracy
+
+    def _activation_ranges(self, sim: QuantSim, model_print: str, quant: QuantConfig) -> dict:
+        """Observed once per simulated FP32 model and activation setting (AIMET's rules observe quantized weights)."""
+        if quant.aimet_rules:
+            self.result.work.calibrations += 1
+            return sim.observe(self.inputs.calibration_batches, progress=False)
+        memo_key = f"{model_print}|{quant.act_bits}|{quant.calibration}|{quant.percentile}"
+        observed = self.memo.get("activation_ranges", memo_key)
+        if observed is None:
+            observed = sim.observe(self.inputs.calibration_batches, progress=False)
+            self.memo.put("activation_ranges", memo_key, observed)
+            self.result.work.calibrations += 1
+        return observed
+
+
+def peak_memory_mib() -> float | None:
+    """Peak resident memory of this process so far, in MiB; None where the OS does not report it (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux

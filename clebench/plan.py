@@ -1,0 +1,78 @@
+"""Plan a sweep: its config -> the rows it must produce, grouped into work units. Pure: no model, data or torch work.
+
+A work unit is one model's rows that share work. With granularity "prefix" (the default) a unit is one FP32 step
+prefix and every row below it: the rows of that prefix with and without bias correction, for every quantization
+setting; they share the FP32 model, its accuracy and its activation ranges. Granularity "model" puts all of a
+model's rows in one unit (most sharing, least parallelism). Units come in config order, and so do their rows.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from clebench import steps
+from clebench.config import ModelSpec, SweepConfig
+from clebench.results import RowKey
+
+GRANULARITIES = ("prefix", "model")
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """Rows of one model that are computed together, and the FP32 step prefixes whose ranges they record."""
+
+    model: ModelSpec
+    rows: tuple[RowKey, ...]
+    prefixes: tuple[steps.Combination, ...]  # every FP32 prefix the rows build, shortest first, no duplicates
+
+    @property
+    def name(self) -> str:
+        return f"{self.model.name}: {', '.join(steps.combination_name(p) for p in self.prefixes[-1:])}"
+
+
+def combination_of(key: RowKey) -> steps.Combination:
+    return () if key.steps == steps.NO_STEPS else tuple(key.steps.split("+"))
+
+
+def row_order(config: SweepConfig, usable: Mapping[str, list[steps.Combination]]) -> list[RowKey]:
+    """Every row of the sweep in config order: model, then step combination, then quantization setting."""
+    dataset = config.data.dataset
+    return [
+        RowKey(spec.name, dataset, steps.combination_name(combination), quant.name)
+        for spec in config.models
+        for combination in usable[spec.name]
+        for quant in config.quant_configs
+    ]
+
+
+def prefixes_of(fp32_steps: steps.Combination) -> tuple[steps.Combination, ...]:
+    """(), then ("bn_fold",), ... up to fp32_steps itself: every state a pipeline passes through."""
+    return tuple(fp32_steps[:n] for n in range(len(fp32_steps) + 1))
+
+
+def plan(config: SweepConfig, usable: Mapping[str, list[steps.Combination]], done: Iterable[RowKey] = (),
+         granularity: str = "prefix") -> list[WorkUnit]:
+    """The work units that produce the rows of `config` not in `done`.
+
+    usable: per model name, the step combinations it runs (see `sweep.check_models`).
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    finished = set(done)
+    groups: dict[tuple, list[RowKey]] = {}
+    for key in row_order(config, usable):
+        if key in finished:
+            continue
+        fp32_steps, _ = steps.split_combination(combination_of(key))
+        group = (key.model,) if granularity == "model" else (key.model, fp32_steps)
+        groups.setdefault(group, []).append(key)
+    specs = {spec.name: spec for spec in config.models}
+    return [WorkUnit(specs[group[0]], tuple(rows), _prefixes(rows)) for group, rows in groups.items()]
+
+
+def _prefixes(rows: list[RowKey]) -> tuple[steps.Combination, ...]:
+    ordered: dict[steps.Combination, None] = {}
+    for key in rows:
+        fp32_steps, _ = steps.split_combination(combination_of(key))
+        ordered.update(dict.fromkeys(prefixes_of(fp32_steps)))
+    return tuple(sorted(ordered, key=len))

@@ -1,0 +1,151 @@
+"""A sweep's results folder: its files, their columns, and how they are written and read.
+
+    results.csv          one row per (model, dataset, steps, quant): RESULT_COLUMNS
+    ranges.csv           per layer and FP32 step prefix: weight-range statistics (clebench.ranges.LAYER_COLUMNS)
+    channel_ranges.csv   per channel of the Fig. 2 layers (clebench.ranges.CHANNEL_COLUMNS)
+    predictions.npz      every row's per-image top-1 class (int16), FP32 and quantized, and the labels
+    meta.json            the config, its hash, the machine and device, the last run's work counters
+    .lock                held by the one process that writes the folder
+
+Every file is replaced atomically (written beside, then renamed), so a reader never sees half a file.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from clebench.ranges import CHANNEL_COLUMNS, LAYER_COLUMNS
+
+KEY_COLUMNS = ["model", "dataset", "steps", "quant"]
+DEPLOY_COLUMNS = ["int8_top1", "int8_top5", "int8_agreement"]  # filled by a sweep with deploy = ["onnxruntime"]
+RESULT_COLUMNS = [
+    *KEY_COLUMNS, "fp32_top1", "fp32_top5", "quant_top1", "quant_top5", "delta_top1",
+    "n_images", "n_calibration", "seconds", "config_hash",
+]  # fmt: skip
+TIMING_COLUMNS = ["seconds"]
+RANGES_COLUMNS = ["model", "steps", *LAYER_COLUMNS]
+CHANNEL_RANGES_COLUMNS = ["model", "steps", *CHANNEL_COLUMNS]
+
+RESULTS_FILE = "results.csv"
+RANGES_FILE = "ranges.csv"
+CHANNEL_RANGES_FILE = "channel_ranges.csv"
+PREDICTIONS_FILE = "predictions.npz"
+META_FILE = "meta.json"
+LOCK_FILE = ".lock"
+
+
+class RowKey(NamedTuple):
+    """What identifies a results row."""
+
+    model: str
+    dataset: str
+    steps: str
+    quant: str
+
+
+class ResultsFolderError(ValueError):
+    """A results folder that cannot be used: locked by another sweep, or holding an unreadable file."""
+
+
+def _replace_atomically(path: Path, write) -> None:
+    """Call write(temporary_path), then rename it onto `path`; the temporary name is unique to this process."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    _replace_atomically(path, lambda tmp: frame.to_csv(tmp, index=False, float_format="%.4f"))
+
+
+def write_json(data: Any, path: Path) -> None:
+    _replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object file; a truncated or non-object file is an error naming it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ResultsFolderError(f"{path} is not valid JSON ({error}); it may be truncated: delete it to start over") from None
+    if not isinstance(data, dict):
+        raise ResultsFolderError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def prediction_name(key: RowKey, kind: str) -> str:
+    """Array name in predictions.npz: kind "fp32" or "quant" (the simulated row) or "int8" (ONNX Runtime)."""
+    return "|".join((*key, kind))
+
+
+def labels_name(model: str, dataset: str) -> str:
+    """Array name in predictions.npz of the labels of the images `model`'s rows were evaluated on."""
+    return f"{model}|{dataset}|labels"
+
+
+def read_predictions(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a predictions.npz ({} when the file is absent); a corrupt file is an error naming it."""
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path) as archive:
+            return {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, EOFError) as error:
+        raise ResultsFolderError(f"{path} cannot be read ({error}); delete it and re-run the sweep") from None
+
+
+def write_predictions(arrays: Mapping[str, np.ndarray], path: Path) -> None:
+    """int16 class indices, compressed (CIFAR-10 and ImageNet class indices fit in int16)."""
+    _replace_atomically(path, lambda tmp: np.savez_compressed(
+        tmp.open("wb"), **{name: np.asarray(values, dtype=np.int16) for name, values in arrays.items()}))
+
+
+class FolderLock:
+    """An exclusive, non-blocking lock on a results folder for as long as one sweep writes it.
+
+    The OS releases it when the process ends, killed or not, so a crashed sweep never leaves a stale lock.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / LOCK_FILE
+        self._file = None
+
+    def acquire(self) -> None:
+        handle = self.path.open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ResultsFolderError(
+                f"{self.path.parent} is being written by another sweep ({holder}); wait for it to finish or choose "
+                "another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        self._file = handle
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> FolderLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
