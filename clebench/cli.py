@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--models", nargs="+", metavar="NAME", help="run only these of the config's models")
     sweep.add_argument("--out", type=Path, help="results folder (default: runs/<config name>); re-running resumes it")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sweep.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                       help="run the work units as Ray tasks: alone, on a Ray started here with this machine's CPUs/GPUs; "
+                       "'auto' or HOST:PORT joins a running cluster (needs the ray extra)")
+    sweep.add_argument("--gpus-per-task", type=non_negative_float, metavar="F",
+                       help="with --ray: the fraction of a GPU each task reserves, e.g. 0.25 (default: config, else 0)")
 
     report = commands.add_parser("report", help="regenerate tables and plots of a results folder",
                                  description="Rewrite results.md and the PNG plots from the saved CSVs, without re-running.")
@@ -106,6 +111,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         config = config.with_limit(args.limit)
     if args.models:
         config = config.with_models(args.models)
+    config = config.with_execution(ray=args.ray, gpus_per_task=args.gpus_per_task)
     out = args.out or Path("runs") / args.config.stem
     command = "clebench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     outcome = run_sweep(config, out, data_root=args.data_root, models_dir=args.models_dir, device=args.device,

@@ -56,12 +56,22 @@ class DataSpec:
 
 
 @dataclass(frozen=True)
+class ExecutionSpec:
+    """Where and how the sweep runs; it changes no number, so it is not part of the config hash."""
+
+    ray: str | None = None  # None: in this process; "local": a Ray started here; "auto" / "HOST:PORT": a cluster
+    gpus_per_task: float = 0.0  # fraction of a GPU each Ray task reserves
+    unit: str = "prefix"  # work-unit granularity (clebench.plan.GRANULARITIES)
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     models: tuple[ModelSpec, ...]
     data: DataSpec
     steps: str | tuple[str, ...]
     quant: tuple[str, ...]
     range_layers: tuple[str, ...] = (FIRST_DEPTHWISE,)
+    execution: ExecutionSpec = ExecutionSpec()
 
     @property
     def combinations(self) -> list[steps.Combination]:
@@ -72,8 +82,10 @@ class SweepConfig:
         return [QuantConfig.from_name(name) for name in self.quant]
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (JSON-serialisable): what baselines store and the hash covers."""
-        return json.loads(json.dumps(asdict(self)))
+        """Plain data (JSON-serialisable): what baselines store and the hash covers (not `execution`)."""
+        plain = json.loads(json.dumps(asdict(self)))
+        del plain["execution"]
+        return plain
 
     @property
     def hash(self) -> str:
@@ -88,14 +100,21 @@ class SweepConfig:
             raise ConfigError(f"--models {', '.join(unknown)}: not in the config's models ({', '.join(known)})")
         return replace(self, models=tuple(spec for spec in self.models if spec.name in names))
 
+    def with_execution(self, **changes: Any) -> SweepConfig:
+        """The same sweep run elsewhere (e.g. ray="auto"); None values leave a setting as it is."""
+        execution = replace(self.execution, **{k: v for k, v in changes.items() if v is not None})
+        return replace(self, execution=_execution(asdict(execution)))
+
     def with_limit(self, limit: int | None) -> SweepConfig:
         return replace(self, data=replace(self.data, limit=_positive_int(limit, "data.limit", allow_none=True)))
 
 
-_TOP_KEYS = {"models", "steps", "quant", "data", "report"}
+_TOP_KEYS = {"models", "steps", "quant", "data", "report", "execution"}
 _DATA_KEYS = {"dataset", "eval_split", "calibration_split", "limit", "calibration", "batch_size", "seed"}
 _MODEL_KEYS = {"name", "checkpoint"}
 _REPORT_KEYS = {"range_layers"}
+_EXECUTION_KEYS = {"ray", "gpus_per_task", "unit"}
+_UNITS = ("prefix", "model")
 
 
 def _unknown(table: dict, allowed: set[str], where: str) -> None:
@@ -165,6 +184,22 @@ def _data(table: Any) -> DataSpec:
     )
 
 
+def _execution(table: Any) -> ExecutionSpec:
+    if not isinstance(table, dict):
+        raise ConfigError("[execution] must be a table")
+    _unknown(table, _EXECUTION_KEYS, "[execution]")
+    ray = table.get("ray")
+    if ray is not None and not (isinstance(ray, str) and ray):
+        raise ConfigError(f'execution.ray must be "local", "auto" or "HOST:PORT" (or omitted), got {ray!r}')
+    gpus = table.get("gpus_per_task", 0.0)
+    if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or not 0 <= gpus <= 8:
+        raise ConfigError(f"execution.gpus_per_task must be a number of GPUs in [0, 8] (0.25: four tasks share one), got {gpus!r}")
+    unit = table.get("unit", "prefix")
+    if unit not in _UNITS:
+        raise ConfigError(f"execution.unit must be one of {', '.join(_UNITS)}, got {unit!r}")
+    return ExecutionSpec(ray, float(gpus), unit)
+
+
 def parse_config(raw: dict[str, Any], source: str = "config") -> SweepConfig:
     """Validate a parsed TOML document; errors name `source` and the key."""
     try:
@@ -182,7 +217,8 @@ def parse_config(raw: dict[str, Any], source: str = "config") -> SweepConfig:
             raise ConfigError("[report] must be a table")
         _unknown(report, _REPORT_KEYS, "[report]")
         range_layers = _string_list(report.get("range_layers", [FIRST_DEPTHWISE]), "report.range_layers")
-        return SweepConfig(_models(raw["models"]), _data(raw.get("data")), step_spec, quant, range_layers)
+        execution = _execution(raw.get("execution", {}))
+        return SweepConfig(_models(raw["models"]), _data(raw.get("data")), step_spec, quant, range_layers, execution)
     except (ConfigError, steps.StepError, ValueError, TypeError) as error:
         raise ConfigError(f"{source}: {error}") from None
 

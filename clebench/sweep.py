@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from clebench.execute import Memo, Resources, Settings, UnitResult, Work, execut
 from clebench.models import load_model, model_label_space
 from clebench.record import Recorder
 
+MEMO_FOLDER = ".memo"  # fingerprint-keyed work shared by Ray tasks; removed once every row is recorded
 LABEL_SPACES = {"cifar10": "cifar10", "cifar100": "cifar100", "imagenet": "imagenet", "imagenette": "imagenet"}
 
 
@@ -86,30 +88,50 @@ def range_order(config: SweepConfig, usable: dict[str, list[steps.Combination]])
 
 def run_sweep(config: SweepConfig, out: str | Path, *, data_root: str | Path | None = None,
               models_dir: str | Path | None = None, device: str = "cpu", progress: bool = True,
-              command: str | None = None, granularity: str = "prefix") -> SweepOutcome:
-    """Fill every missing row of `config` in the results folder `out`; return the full table and this run's work."""
+              command: str | None = None) -> SweepOutcome:
+    """Fill every missing row of `config` in the results folder `out`; return the full table and this run's work.
+
+    `config.execution` says where the units run: in this process (ray None) or as Ray tasks.
+    """
     started = time.perf_counter()
+    out = Path(out)
+    execution = config.execution
     settings = Settings(config, data.data_root(data_root).resolve(),
-                        None if models_dir is None else Path(models_dir).resolve(), device, progress)
-    loaded, usable = check_models(config, models_dir)
+                        None if models_dir is None else Path(models_dir).resolve(), device,
+                        progress and execution.ray is None)
+    loaded, usable = check_models(config, settings.models_dir)
     meta = run_metadata(settings, command)
     with Recorder(out, meta, plan.row_order(config, usable), range_order(config, usable)) as recorder:
-        units = plan.plan(config, usable, recorder.done, granularity)
+        units = plan.plan(config, usable, recorder.done, execution.unit)
+        if execution.ray is None:
+            results = execute_locally(units, settings, Resources(settings, loaded))
+        else:
+            from clebench.distributed import execute_on_ray  # Ray is an optional extra
+
+            results = execute_on_ray(units, settings, out / MEMO_FOLDER, address=_ray_address(execution.ray),
+                                     gpus_per_task=execution.gpus_per_task)
         work = Work()
         with tqdm(total=sum(len(u.rows) for u in units), desc="sweep rows", unit="row", disable=not progress) as bar:
-            for result in execute_locally(units, settings, Resources(settings, loaded)):
+            for result in results:
                 recorder.record(result)
                 work.add(result.work)
                 bar.update(len(result.rows))
+        shutil.rmtree(out / MEMO_FOLDER, ignore_errors=True)  # every row is recorded: the memo has served
         wall = round(time.perf_counter() - started, 1)
-        recorder.finish(work, {"wall_seconds": wall, "peak_memory_mib": peak_memory_mib(), "units": len(units)})
+        recorder.finish(work, {"wall_seconds": wall, "peak_memory_mib": peak_memory_mib(), "units": len(units),
+                               "engine": "ray" if execution.ray else "local"})
         return SweepOutcome(recorder.table(), work, wall)
+
+
+def _ray_address(ray: str) -> str | None:
+    return None if ray == "local" else ray
 
 
 def execute_locally(units: list[plan.WorkUnit], settings: Settings, resources: Resources) -> Iterator[UnitResult]:
     memo = Memo()
     for unit in units:
         yield execute_unit(unit, settings, resources, memo)
+
 
 
 def run_metadata(settings: Settings, command: str | None) -> dict:

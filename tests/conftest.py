@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from sweeps import CONFIG, run_sweep
+
 
 def randomize_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BN non-trivial running statistics and affine parameters (in place), as a trained net has."""
@@ -58,3 +60,18 @@ def models_dir() -> Path:
     if root is None:
         pytest.skip("CLEBENCH_MODELS is not set to the shared checkpoints directory")
     return root
+
+
+@pytest.fixture(scope="session")
+def config_file(tmp_path_factory, data_root, models_dir) -> Path:
+    path = tmp_path_factory.mktemp("config") / "tiny.toml"
+    path.write_text(CONFIG)
+    return path
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(config_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sweeps") / "uninterrupted"
+    result = run_sweep(config_file, out)
+    assert result.returncode == 0, result.stderr
+    return out

@@ -3,55 +3,34 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import tomllib
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from clebench.results import KEY_COLUMNS, TIMING_COLUMNS
-
-CONFIG = """
-models = ["mobilenet_v2_cifar10"]
-steps = ["bn_fold", "bn_fold+relu6_to_relu", "bn_fold+cls_relu6_clip", "bn_fold+cls_relu6_clip+hbf+bias_correction"]
-quant = ["w8a8_per_tensor_minmax", "w4a8_per_tensor_minmax"]
-
-[data]
-dataset = "cifar10"
-limit = 20
-calibration = 20
-batch_size = 10
-"""
-
-
-def sweep_command(config: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "clebench", "sweep", str(config), "--out", str(out), "--no-progress", *extra]
-
-
-def run_sweep(config: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(sweep_command(config, out, *extra), capture_output=True, text=True, timeout=600)
-
-
-def without_timing(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path).drop(columns=TIMING_COLUMNS)
-
-
-@pytest.fixture(scope="module")
-def config_file(tmp_path_factory, data_root, models_dir) -> Path:
-    path = tmp_path_factory.mktemp("config") / "tiny.toml"
-    path.write_text(CONFIG)
-    return path
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(config_file, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sweeps") / "uninterrupted"
-    result = run_sweep(config_file, out)
-    assert result.returncode == 0, result.stderr
-    return out
+from clebench import layers
+from clebench.config import parse_config
+from clebench.regression import check, format_check, results_config, results_device, write_baseline
+from clebench.results import (
+    KEY_COLUMNS,
+    FolderLock,
+    RowKey,
+    labels_name,
+    prediction_name,
+    read_json,
+    read_predictions,
+    write_json,
+    write_predictions,
+)
+from clebench.sweep import run_sweep as run_sweep_in_process
+from sweeps import CONFIG, run_sweep, sweep_command, without_timing
 
 
 @pytest.mark.slow
@@ -129,3 +108,84 @@ def test_corrupted_checkpoint_is_named_and_nothing_is_written(tmp_path, data_roo
     assert result.returncode == 2 and "mobilenet_v2_cifar10.pt" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert not (out / "results.csv").exists()
+
+
+def test_a_second_sweep_on_a_locked_folder_fails_and_writes_nothing(config_file, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    with FolderLock(out):  # a sweep writing this folder
+        result = run_sweep(config_file, out)
+    assert result.returncode == 2 and "is being written by another sweep (pid" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+def test_a_truncated_meta_json_is_an_error_naming_it(config_file, tmp_path):
+    out = tmp_path / "truncated"
+    out.mkdir()
+    (out / "meta.json").write_text('{"config_hash": "47fe')
+    result = run_sweep(config_file, out)
+    assert result.returncode == 2 and f"{out / 'meta.json'} is not valid JSON" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and (out / "meta.json").read_text() == '{"config_hash": "47fe'
+
+
+def test_meta_json_is_replaced_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "meta.json"
+    write_json({"config_hash": "old"}, path)
+
+    def half_then_disk_full(self, text):
+        Path.write_bytes(self, text[: len(text) // 2].encode())
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_json({"config_hash": "new", "config": {"models": ["x"] * 100}}, path)
+    monkeypatch.undo()
+    assert read_json(path) == {"config_hash": "old"} and [p.name for p in tmp_path.iterdir()] == ["meta.json"]
+
+
+def flip(results_dir: Path, row: int, count: int) -> None:
+    """Make `count` right quantized predictions of results row `row` wrong, as another device might."""
+    table = pd.read_csv(results_dir / "results.csv")
+    key = RowKey(*table.loc[row, KEY_COLUMNS])
+    arrays = read_predictions(results_dir / "predictions.npz")
+    name, labels = prediction_name(key, "quant"), arrays[labels_name(key.model, key.dataset)]
+    images = np.flatnonzero(arrays[name] == labels)[:count]
+    arrays[name][images] = (labels[images] + 1) % 10
+    table.loc[row, "quant_top1"] = 100.0 * (arrays[name] == labels).sum() / len(labels)
+    write_predictions(arrays, results_dir / "predictions.npz")
+    table.to_csv(results_dir / "results.csv", index=False)
+
+
+@pytest.mark.slow
+def test_check_passes_a_few_flipped_images_and_names_them(uninterrupted, tmp_path):
+    baseline = tmp_path / "baseline.json"
+    write_baseline(uninterrupted / "results.csv", baseline, results_config(uninterrupted), results_device(uninterrupted))
+    assert (tmp_path / "baseline.predictions.npz").is_file()
+    identical = check(uninterrupted / "results.csv", baseline, config=results_config(uninterrupted),
+                      device=results_device(uninterrupted))
+    assert identical.ok and identical.table["changed"].tolist() == [0] * 8 and identical.notes == []
+    jittered = tmp_path / "jittered"
+    shutil.copytree(uninterrupted, jittered)
+    flip(jittered, 1, 1)  # 1 of 20 images: 5 points, but one image
+    flip(jittered, 6, 2)
+    gpu = results_device(jittered) | {"device": "cuda:0", "device_name": "NVIDIA H200", "precision": "fp32, TF32 off"}
+    result = check(jittered / "results.csv", baseline, config=results_config(jittered), device=gpu)
+    assert result.ok, format_check(result)
+    assert result.table["changed"].tolist() == [0, 1, 0, 0, 0, 0, 2, 0]
+    assert result.table["changed_correctness"].tolist() == [0, 1, 0, 0, 0, 0, 2, 0]
+    assert result.table["status"].tolist()[1] == "ok" and result.table["delta"].tolist()[1] == -5.0
+    assert any(n.startswith("cross-device comparison: baseline on cpu") for n in result.notes)
+    assert "changed" in format_check(result)
+
+
+@pytest.mark.slow
+def test_check_fails_a_sweep_whose_scaling_is_broken(uninterrupted, tmp_path, monkeypatch, data_root, models_dir):
+    baseline = tmp_path / "baseline.json"
+    write_baseline(uninterrupted / "results.csv", baseline, results_config(uninterrupted), results_device(uninterrupted))
+    monkeypatch.setattr(layers, "scale_input_channels", lambda layer, scale: None)  # CLS no longer compensates
+    broken = tmp_path / "broken"
+    run_sweep_in_process(parse_config(tomllib.loads(CONFIG)), broken, data_root=data_root, models_dir=models_dir, progress=False)
+    result = check(broken / "results.csv", baseline, config=results_config(broken), device=results_device(broken))
+    regressed = result.table.loc[result.table["status"] == "regressed", "steps"].tolist()
+    assert not result.ok and regressed and all("cls_relu6_clip" in s for s in regressed), format_check(result)
+    assert (result.table.loc[result.table["status"] == "regressed", "changed_correctness"] > 3).all()
