@@ -51,10 +51,14 @@ def prefixes_of(fp32_steps: steps.Combination) -> tuple[steps.Combination, ...]:
 
 
 def plan(config: SweepConfig, usable: Mapping[str, list[steps.Combination]], done: Iterable[RowKey] = (),
-         granularity: str = "prefix") -> list[WorkUnit]:
+         granularity: str = "prefix", identities: Mapping[tuple[str, steps.Combination], str] | None = None,
+         ) -> list[WorkUnit]:
     """The work units that produce the rows of `config` not in `done`.
 
     usable: per model name, the step combinations it runs (see `sweep.check_models`).
+    identities: (model, FP32 prefix) -> an identity of the model that prefix builds (its fingerprint); prefixes that
+        build the same model (a step that changes nothing, as relu6_to_relu on a network without ReLU6) then share a
+        unit, so concurrent units never redo each other's work. Without it every prefix is its own identity.
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
@@ -64,7 +68,8 @@ def plan(config: SweepConfig, usable: Mapping[str, list[steps.Combination]], don
         if key in finished:
             continue
         fp32_steps, _ = steps.split_combination(combination_of(key))
-        group = (key.model,) if granularity == "model" else (key.model, fp32_steps)
+        identity = fp32_steps if identities is None else identities[(key.model, fp32_steps)]
+        group = (key.model,) if granularity == "model" else (key.model, identity)
         groups.setdefault(group, []).append(key)
     specs = {spec.name: spec for spec in config.models}
     return [WorkUnit(specs[group[0]], tuple(rows), _prefixes(rows)) for group, rows in groups.items()]

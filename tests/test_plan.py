@@ -68,3 +68,20 @@ def test_prefixes_and_bad_granularity():
     assert plan.combination_of(key("m", steps.NO_STEPS, 8)) == ()
     with pytest.raises(ValueError, match="granularity must be one of prefix, model"):
         plan.plan(CONFIG, USABLE, granularity="row")
+
+
+def test_prefixes_that_build_the_same_model_share_a_unit():
+    """relu6_to_relu on ResNet18 changes nothing: with identities its prefix joins bn_fold's unit."""
+    config = parse_config({"models": ["resnet18_cifar10"], "steps": ["bn_fold", "bn_fold+relu6_to_relu",
+                                                                    "bn_fold+relu6_to_relu+cls", "bn_fold+cls"],
+                           "quant": ["w8a8_per_tensor_minmax"], "data": {"dataset": "cifar10"}})
+    usable = {"resnet18_cifar10": config.combinations}
+    identities = {("resnet18_cifar10", p): name for p, name in [
+        ((), "a"), (("bn_fold",), "b"), (("bn_fold", "relu6_to_relu"), "b"), (("bn_fold", "relu6_to_relu", "cls"), "c"),
+        (("bn_fold", "cls"), "c")]}
+    units = plan.plan(config, usable, identities=identities)
+    assert [[k.steps for k in u.rows] for u in units] == [
+        ["bn_fold", "bn_fold+relu6_to_relu"], ["bn_fold+relu6_to_relu+cls", "bn_fold+cls"]]
+    assert units[1].prefixes == ((), ("bn_fold",), ("bn_fold", "relu6_to_relu"), ("bn_fold", "cls"),
+                                 ("bn_fold", "relu6_to_relu", "cls"))  # parents before children
+    assert len(plan.plan(config, usable)) == 4

@@ -1,0 +1,139 @@
+"""Local vs Ray: wall time and work of the same sweep, Ray's overhead per task, and (with a GPU) one card shared by
+1, 2 and 4 concurrent tasks.
+
+    python scripts/bench_ray.py [--config configs/cifar10_ci.toml] [--limit N] [--markdown results/bench/ray.md]
+
+Each sweep runs in a fresh process (`clebench sweep`, data and checkpoints from CLEBENCH_DATA / CLEBENCH_MODELS) into
+a temporary folder: in-process, on a local Ray with prefix units, and on a local Ray with one unit per model. The
+table gives wall time, the ratio to the in-process run, the work counters and whether results.csv (apart from
+`seconds`) and ranges.csv are byte-identical to the in-process run's. The machine is shared, so compare ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from clebench.results import TIMING_COLUMNS, read_json
+
+VARIANTS = {  # name -> (extra CLI arguments, extra TOML)
+    "in-process": ([], ""),
+    "ray, prefix units": (["--ray"], ""),
+    "ray, model units": (["--ray"], '\n[execution]\nunit = "model"\n'),
+}
+
+
+def run_variant(config: Path, limit: int | None, extra_args: list[str], extra_toml: str, out: Path) -> dict:
+    variant_config = out.parent / f"{out.name}.toml"
+    variant_config.write_text(config.read_text() + extra_toml)
+    command = [sys.executable, "-m", "clebench", "sweep", str(variant_config), "--out", str(out), "--no-progress",
+               *extra_args, *(["--limit", str(limit)] if limit else [])]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    work = read_json(out / "meta.json")["last_run_work"]
+    return {"process_seconds": time.perf_counter() - started, **work}
+
+
+def same_rows(out: Path, reference: Path) -> bool:
+    results = [pd.read_csv(d / "results.csv").drop(columns=TIMING_COLUMNS).to_csv() for d in (out, reference)]
+    ranges = [(d / "ranges.csv").read_bytes() for d in (out, reference)]
+    return results[0] == results[1] and ranges[0] == ranges[1]
+
+
+def task_overhead(tasks: int = 50) -> tuple[float, float]:
+    """(median ms of one empty task's round trip, ms per task when `tasks` are submitted at once) on a local Ray."""
+    import ray
+
+    ray.init(include_dashboard=False, logging_level="warning", log_to_driver=False)
+    empty = ray.remote(lambda: None)
+    ray.get([empty.remote() for _ in range(4)])  # start the workers first
+    round_trips = []
+    for _ in range(tasks):
+        started = time.perf_counter()
+        ray.get(empty.remote())
+        round_trips.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    ray.get([empty.remote() for _ in range(tasks)])
+    batched = (time.perf_counter() - started) / tasks
+    ray.shutdown()
+    return statistics.median(round_trips) * 1000, batched * 1000
+
+
+def gpu_sharing(images: int = 20_000, batch: int = 250) -> list[tuple[int, float]]:
+    """(concurrent tasks, images/s in total) for torchvision MobileNetV2 on synthetic 224 px batches on one GPU."""
+    import ray
+
+    def evaluate(count: int) -> float:
+        import torchvision
+
+        model = torchvision.models.mobilenet_v2().cuda().eval()
+        data = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, device="cuda")
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for _ in range(count // batch):
+                model(data.float().div_(255)).argmax(1)
+        torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    ray.init(include_dashboard=False, logging_level="warning", log_to_driver=False)
+    rates = []
+    for concurrent in (1, 2, 4):
+        task = ray.remote(evaluate).options(num_gpus=1 / concurrent)
+        ray.get([task.remote(batch) for _ in range(concurrent)])  # warm up each worker's CUDA context
+        started = time.perf_counter()
+        ray.get([task.remote(images // concurrent) for _ in range(concurrent)])
+        rates.append((concurrent, images / (time.perf_counter() - started)))
+    ray.shutdown()
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=Path("configs/cifar10_ci.toml"))
+    parser.add_argument("--limit", type=int, help="evaluation images (default: the config's)")
+    parser.add_argument("--markdown", type=Path, help="also write the tables to this file")
+    args = parser.parse_args()
+    lines = [f"# Local vs Ray: `{args.config}`{f' --limit {args.limit}' if args.limit else ''}", "",
+             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}", "",
+             "| run | wall s (process) | ratio to in-process | units | FP32 evals | calibrations | quantized evals | same rows |",
+             "|:--|--:|--:|--:|--:|--:|--:|:--|"]
+    with tempfile.TemporaryDirectory() as folder:
+        outs = {}
+        for name, (extra_args, extra_toml) in VARIANTS.items():
+            outs[name] = Path(folder) / name.replace(" ", "_").replace(",", "")
+            work = run_variant(args.config, args.limit, extra_args, extra_toml, outs[name])
+            if name == "in-process":
+                reference = work["process_seconds"]
+            lines.append(
+                f"| {name} | {work['process_seconds']:.1f} | {work['process_seconds'] / reference:.2f} | {work['units']} "
+                f"| {work['fp32_evaluations']} | {work['calibrations']} | {work['quantized_evaluations']} "
+                f"| {'yes' if same_rows(outs[name], outs['in-process']) else 'NO'} |"
+            )
+            print(lines[-1], flush=True)
+    single, batched = task_overhead()
+    lines += ["", f"Ray overhead per empty task: {single:.1f} ms round trip alone, {batched:.2f} ms each when 50 are "
+              "submitted at once (local Ray, workers started)."]
+    if torch.cuda.is_available():
+        lines += ["", f"One {torch.cuda.get_device_name()} shared by concurrent tasks (MobileNetV2, synthetic 224 px, "
+                  "batch 250):", "", "| tasks | images/s |", "|--:|--:|"]
+        lines += [f"| {n} | {rate:,.0f} |" for n, rate in gpu_sharing()]
+    else:
+        lines += ["", "No GPU on this machine: the GPU-sharing measurement was skipped."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

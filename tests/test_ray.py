@@ -1,0 +1,104 @@
+"""The sweep on Ray (a local 2-CPU Ray): the local run's rows, a killed worker retried, a killed driver resumed,
+a worker error named with the recorded rows kept."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from clebench.results import KEY_COLUMNS, read_json, read_predictions
+from sweeps import run_sweep, sweep_command, without_timing
+
+pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+FILES = ("ranges.csv", "channel_ranges.csv")
+
+
+def task_processes() -> list[int]:
+    """Ray worker processes that are running a work unit (Ray names them after the task)."""
+    listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in listing.splitlines() if "ray::_execute_task" in line]
+
+
+def assert_same_rows(out: Path, reference: Path) -> None:
+    assert without_timing(out / "results.csv").to_csv() == without_timing(reference / "results.csv").to_csv()
+    for name in FILES:
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    ours, theirs = read_predictions(out / "predictions.npz"), read_predictions(reference / "predictions.npz")
+    assert ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)
+
+
+def test_a_ray_sweep_with_a_killed_worker_writes_the_local_rows(config_file, uninterrupted, tmp_path):
+    out = tmp_path / "ray"
+    process = subprocess.Popen(sweep_command(config_file, out, "--ray"), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    killed, deadline = None, time.monotonic() + 300
+    while killed is None and process.poll() is None and time.monotonic() < deadline:
+        running = task_processes()
+        if running:
+            time.sleep(1.0)  # let it get into its unit
+            killed = running[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.1)
+    stdout, stderr = process.communicate(timeout=600)
+    assert killed is not None, "no Ray task was seen running"
+    assert process.returncode == 0, stderr
+    assert_same_rows(out, uninterrupted)
+    rows = pd.read_csv(out / "results.csv")
+    assert len(rows) == 8 and not rows.duplicated(KEY_COLUMNS).any()
+    work = read_json(out / "meta.json")["last_run_work"]
+    assert work["rows"] == 8 and work["engine"] == "ray" and not (out / ".memo").exists()
+
+
+def test_a_killed_ray_driver_resumes_without_recomputing_recorded_rows(config_file, uninterrupted, tmp_path):
+    out = tmp_path / "killed"
+    process = subprocess.Popen(sweep_command(config_file, out, "--ray"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    results, deadline = out / "results.csv", time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if results.is_file() and len(pd.read_csv(results)) >= 2:
+            os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started
+            break
+        time.sleep(0.05)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the sweep finished before it could be killed"
+    partial = pd.read_csv(results)
+    assert 2 <= len(partial) < 8
+    resumed = run_sweep(config_file, out, "--ray")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_rows(out, uninterrupted)
+    kept = pd.read_csv(results).merge(partial, on=KEY_COLUMNS, suffixes=("", "_before"))
+    assert len(kept) == len(partial) and (kept["seconds"] == kept["seconds_before"]).all()
+    assert read_json(out / "meta.json")["last_run_work"]["rows"] == 8 - len(partial)
+
+
+def broken_data_root(data_root: Path, root: Path) -> tuple[Path, Path]:
+    """The tiny config's CIFAR-10 images, with the first airplane test image replaced by garbage."""
+    for folder in sorted((data_root / "cifar10" / "test").iterdir()):
+        (root / "cifar10" / "test" / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:2]:
+            (root / "cifar10" / "test" / folder.name / image.name).symlink_to(image.resolve())
+    (root / "cifar10" / "train").symlink_to((data_root / "cifar10" / "train").resolve())
+    broken = root / "cifar10" / "test" / "airplane" / "0000.jpg"
+    broken.unlink()
+    broken.write_bytes(b"not a jpeg")
+    return root, broken
+
+
+def test_a_worker_error_is_named_and_recorded_rows_stay(config_file, uninterrupted, tmp_path, data_root):
+    out = tmp_path / "partial"
+    shutil.copytree(uninterrupted, out)
+    recorded = pd.read_csv(out / "results.csv").iloc[:6]
+    recorded.to_csv(out / "results.csv", index=False, float_format="%.4f")
+    root, broken = broken_data_root(data_root, tmp_path / "data")
+    result = run_sweep(config_file, out, "--ray", "--data-root", str(root))
+    assert result.returncode == 2, result.stderr
+    assert "work unit mobilenet_v2_cifar10" in result.stderr and "airplane/0000.jpg" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert pd.read_csv(out / "results.csv").equals(pd.read_csv(uninterrupted / "results.csv").iloc[:6])
