@@ -55,13 +55,14 @@ def session_options(mode: str, threads: int | None = None, optimized_path: str |
 def make_session(path: str | os.PathLike, mode: str, threads: int | None = None, optimized_path=None):
     """An onnxruntime.InferenceSession of the model at `path` on the CPU."""
     ort = require("onnxruntime")
+    state = ort.capi.onnxruntime_pybind11_state
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ONNX model {path} does not exist; write it with clebench.export.export_onnx")
     try:
         return ort.InferenceSession(str(path), session_options(mode, threads, optimized_path),
                                     providers=["CPUExecutionProvider"])
-    except ort.capi.onnxruntime_pybind11_state.Fail as error:  # a corrupt or foreign file
+    except (state.Fail, state.InvalidProtobuf, state.InvalidGraph, state.NoSuchFile) as error:  # corrupt or foreign
         raise ValueError(f"ONNX Runtime cannot load {path}: {error}") from None
 
 
