@@ -72,6 +72,8 @@ def main() -> None:
                             f"{agreement(int8, torch_sim):.2f} | {torch_sim['top1'] - int8['top1']:+.2f} |")
                     print(line, flush=True)
                     lines.append(line)
+                    args.out.parent.mkdir(parents=True, exist_ok=True)
+                    args.out.write_text("\n".join(lines) + "\n")  # rows so far, in case the run is cut short
     info = runtime_info()
     lines += ["", f"onnxruntime {info['onnxruntime_version']}, CPU {info['cpu']}, int8 GEMM path {info['int8_gemm_path']}, "
               f"{args.threads} threads; {time.perf_counter() - started:.0f} s in all."]
