@@ -290,8 +290,6 @@ class _Exporter:
 
     def weight_and_bias(self, node: fx.Node, layer: nn.Module, value: _Value, transpose: bool = False) -> list[str]:
         axis = layers.output_axis(layer) if self.encodings[f"{node.target}.weight"]["per_channel"] else None
-        if isinstance(layer, layers.CONV_TRANSPOSE_TYPES):
-            raise self.fail(node, "transposed convolutions are not supported")
         weight_encoding = _encoding_from_dict(self.encodings[f"{node.target}.weight"], axis)
         weight = layer.weight.t() if transpose else layer.weight
         weight_axis = None if axis is None else (1 if transpose else axis)

@@ -171,3 +171,18 @@ def test_a_missing_extra_names_the_pip_command(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_onnx)
     with pytest.raises(MissingExtraError, match=r'pip install -e "\.\[onnx\]"'):
         require("onnxruntime")
+
+
+@pytest.mark.slow
+def test_the_cli_exports_a_checkpoint_and_refuses_4_bit_activations(tmp_path, data_root, models_dir, capsys):
+    from clebench.cli import main
+
+    common = ["--data-root", str(data_root), "--models-dir", str(models_dir), "--calibration", "20"]
+    out = tmp_path / "m.onnx"
+    assert main(["export", "resnet18_cifar10", "--steps", "bn_fold+cls+hbf", "--out", str(out), *common]) == 0
+    onnx.checker.check_model(str(out))
+    encodings = json.loads((tmp_path / "m.encodings.json").read_text())
+    assert encodings["param_encodings"]["conv1.weight"][0]["bitwidth"] == 8
+    assert main(["export", "resnet18_cifar10", "--quant", "w8a4_per_tensor_minmax", "--out", str(tmp_path / "b.onnx"),
+                 *common]) == 2
+    assert "4 bits" in capsys.readouterr().err

@@ -108,10 +108,9 @@ def test_channels_last_evaluation_gives_the_same_predictions():
     assert next(model.parameters()).is_contiguous()  # the caller's model keeps its memory format
 
 
-# The quick config's images (configs/cifar10_ci.toml: 200 test, 128 calibration) and one row per distinct mechanism
-# of its paper preset: BN fold, CLS after ReLU6 -> ReLU with HBF and bias correction, CLS across ReLU6 as a clip.
-QUICK_ROWS = ["bn_fold", "bn_fold+relu6_to_relu+cls+hbf+bias_correction", "bn_fold+cls_relu6_clip+hbf"]
-QUICK_QUANTS = ["w8a8_per_tensor_minmax", "w4a8_per_tensor_minmax"]
+# The quick config's images (configs/cifar10_ci.toml: 200 test, 128 calibration) on two of its rows per model:
+# BN fold at W8A8, and CLS (across ReLU6 as a per-channel clip for MobileNetV2) + HBF at W4A8.
+QUICK_ROWS = [("bn_fold", "w8a8_per_tensor_minmax"), ("bn_fold+cls_relu6_clip+hbf", "w4a8_per_tensor_minmax")]
 
 
 @pytest.mark.slow
@@ -127,16 +126,15 @@ def test_onnxruntime_sim_agrees_with_the_torch_simulation_on_the_quick_config(tm
     calibration = list(batches(load_images("cifar10", "train", data_root, preprocessing, limit=128, progress=False),
                                128, preprocessing))
     same = total = 0
-    for combination in QUICK_ROWS:
+    for combination, quant in QUICK_ROWS:
         state = prepare_fp32(model_name, combination, models_dir=models_dir)
-        for quant in QUICK_QUANTS:
-            sim = calibrated_sim(state, combination, quant, calibration)
-            results = [evaluate_quantized(sim, INPUT.new_zeros(1, 3, 32, 32), batches(test, 200, preprocessing),
-                                          engine=engine, workdir=tmp_path, threads=2, progress=False)
-                       for engine in ("torch", "onnxruntime-sim")]
-            agree = int((results[0]["predictions"] == results[1]["predictions"]).sum())
-            # float kernels sum in another order, and a last-bit difference that lands on a rounding boundary moves
-            # a value by one grid step; such flips reach the top-1 of ~0.1-0.5 % of images (README, "Real int8")
-            assert agree >= 198 and abs(results[0]["top1"] - results[1]["top1"]) <= 1.0, (combination, quant, agree)
-            same, total = same + agree, total + 200
+        sim = calibrated_sim(state, combination, quant, calibration)
+        results = [evaluate_quantized(sim, INPUT.new_zeros(1, 3, 32, 32), batches(test, 200, preprocessing),
+                                      engine=engine, workdir=tmp_path, threads=2, progress=False)
+                   for engine in ("torch", "onnxruntime-sim")]
+        agree = int((results[0]["predictions"] == results[1]["predictions"]).sum())
+        # float kernels sum in another order, and a last-bit difference that lands on a rounding boundary moves a
+        # value by one grid step; such flips reach the top-1 of a few images per thousand (README, "Real int8")
+        assert agree >= 198 and abs(results[0]["top1"] - results[1]["top1"]) <= 1.0, (combination, quant, agree)
+        same, total = same + agree, total + 200
     assert same >= 0.995 * total
