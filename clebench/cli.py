@@ -1,4 +1,4 @@
-"""Command line: `clebench sweep | report | ranges | check` (also `python -m clebench ...`)."""
+"""Command line: `clebench sweep | report | ranges | check | export` (also `python -m clebench ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,7 @@ EXAMPLES = """examples:
   clebench report runs/cifar10_ci
   clebench ranges mobilenet_v2_cifar10 --steps bn_fold+cls_relu6_clip --plot ranges.png
   clebench check runs/cifar10_ci --baseline results/cifar10_ci/baseline.json --tolerance 0.5
+  clebench export mobilenet_v2_cifar10 --steps bn_fold+cls_relu6_clip+hbf --quant w8a8_per_tensor_minmax --out m.onnx
 """
 
 
@@ -98,7 +99,49 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--min-images", type=non_negative_int, default=DEFAULT_MIN_IMAGES,
                        help=f"allowed top-1 drop in images; a row fails only past both limits (default: {DEFAULT_MIN_IMAGES})")
     check.add_argument("--write-baseline", action="store_true", help="write the baseline from the results instead of checking")
+
+    export = commands.add_parser("export", help="export a quantized model as ONNX QDQ + AIMET encodings JSON",
+                                 description="Build one sweep row's calibrated QuantSim and write it as an ONNX QDQ model "
+                                 "that encodes its quantizers exactly (run it with ONNX Runtime), plus its encodings in "
+                                 "AIMET's JSON format. Needs the onnx extra.")
+    export.add_argument("model", help="zoo model name (see `clebench ranges --list`)")
+    export.add_argument("--out", type=Path, required=True, help="ONNX file to write")
+    export.add_argument("--steps", default="bn_fold", help="step combination, e.g. bn_fold+cls_relu6_clip+hbf (default: bn_fold)")
+    export.add_argument("--quant", default="w8a8_per_tensor_minmax", help="quantization setting (default: w8a8_per_tensor_minmax)")
+    export.add_argument("--encodings", type=Path, help="AIMET encodings JSON to write (default: OUT with .encodings.json)")
+    export.add_argument("--int32-bias", action="store_true", help="int32 biases, as int8 kernels run them (default: as the setting says)")
+    export.add_argument("--dataset", default="cifar10", help="calibration data set (default: cifar10)")
+    export.add_argument("--calibration-split", default="train", help="calibration split (default: train)")
+    export.add_argument("--calibration", type=positive_int, default=512, help="calibration images, class-balanced (default: 512)")
+    export.add_argument("--data-root", help="folder holding the data sets (default: $CLEBENCH_DATA)")
+    export.add_argument("--models-dir", help="folder holding <model>.pt checkpoints (default: $CLEBENCH_MODELS)")
+    export.add_argument("--checkpoint", help="a checkpoint file for the model")
     return parser
+
+
+def run_export(args: argparse.Namespace) -> int:
+    import time
+
+    from clebench import data
+    from clebench.export import MissingExtraError, export_encodings, export_onnx
+    from clebench.models import model_preprocessing
+    from clebench.prepare import calibrated_sim, prepare_fp32
+
+    state = prepare_fp32(args.model, args.steps, models_dir=args.models_dir, checkpoint=args.checkpoint)
+    preprocessing = model_preprocessing(args.model)
+    images = data.load_images(args.dataset, args.calibration_split, args.data_root, preprocessing, limit=args.calibration)
+    calibration = list(data.batches(images, 500, preprocessing))
+    sim = calibrated_sim(state, args.steps, args.quant, calibration)
+    started = time.perf_counter()
+    try:
+        path = export_onnx(sim, calibration[0][0][:1], args.out, int32_bias=True if args.int32_bias else None)
+    except MissingExtraError as error:
+        print(f"clebench export: error: {error}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - started
+    encodings = export_encodings(sim, args.encodings or args.out.with_suffix(".encodings.json"))
+    print(f"wrote {path} ({seconds:.2f} s) and {encodings}")
+    return 0
 
 
 def run_sweep(args: argparse.Namespace) -> int:
@@ -172,7 +215,7 @@ def run_check(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
-COMMANDS = {"sweep": run_sweep, "report": run_report, "ranges": run_ranges, "check": run_check}
+COMMANDS = {"sweep": run_sweep, "report": run_report, "ranges": run_ranges, "check": run_check, "export": run_export}
 
 
 def main(argv: list[str] | None = None) -> int:

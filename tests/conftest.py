@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from clebench.activations import ChannelClippedReLU
 from sweeps import CONFIG, run_sweep
 
 
@@ -75,3 +76,22 @@ def uninterrupted(config_file, tmp_path_factory) -> Path:
     result = run_sweep(config_file, out)
     assert result.returncode == 0, result.stderr
     return out
+
+class ClippedNet(nn.Module):
+    """conv + ReLU, conv + per-channel clip, conv + ReLU6, a residual add, pooling, a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.clip = ChannelClippedReLU(torch.tensor([0.5, 1.0, 2.0, 6.0]))
+        self.conv3 = nn.Conv2d(4, 4, 1)
+        self.relu6 = nn.ReLU6()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.clip(self.conv2(self.relu(self.conv1(x))))
+        y = self.relu6(self.conv3(y)) + y
+        return self.fc(torch.flatten(self.pool(y), 1))

@@ -1,0 +1,104 @@
+"""Speed of the evaluation engines on the CIFAR-10 checkpoints (BN folded, W8A8 per tensor), from one run.
+
+Engines: torch FP32 eager (contiguous and channels_last), the torch simulation (contiguous and channels_last),
+onnxruntime-sim and onnxruntime-int8 (session creation included), plus the export time of each ONNX variant.
+Engines are interleaved over --repeats rounds and each one's fastest round is kept, as this machine is shared;
+ratios are against the torch simulation in the same run.
+
+    python scripts/bench_engines.py --images 2000 --threads 2 --out results/bench/engines.md
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from clebench.data import batches, load_images
+from clebench.evaluation import evaluate
+from clebench.export import export_onnx
+from clebench.models import model_preprocessing
+from clebench.onnxruntime_engine import evaluate_onnx, runtime_info
+from clebench.prepare import calibrated_sim, prepare_fp32
+
+MODELS = ("resnet18_cifar10", "mobilenet_v2_cifar10")
+
+
+def timed(function) -> tuple[float, dict]:
+    started = time.perf_counter()
+    result = function()
+    return time.perf_counter() - started, result
+
+
+def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> list[str]:
+    preprocessing = model_preprocessing(name)
+    test = load_images("cifar10", "test", args.data_root, preprocessing, limit=args.images, progress=False)
+    train = load_images("cifar10", "train", args.data_root, preprocessing, limit=args.calibration, progress=False)
+    state = prepare_fp32(name, "bn_fold", models_dir=args.models_dir)
+    sim = calibrated_sim(state, "bn_fold", "w8a8_per_tensor_minmax", list(batches(train, 500, preprocessing)))
+    dummy = torch.zeros(1, 3, preprocessing.crop, preprocessing.crop)
+    export_seconds = {}
+    paths = {}
+    for mode, int32_bias in (("sim", None), ("int8", True)):
+        export_seconds[mode], paths[mode] = timed(lambda: export_onnx(sim, dummy, workdir / f"{name}_{mode}.onnx",
+                                                                      int32_bias=int32_bias))
+    loader = list(batches(test, 500, preprocessing))  # normalized once: only the engines are timed
+    engines = {
+        "torch FP32": lambda: evaluate(state.model, loader, progress=False, channels_last=False),
+        "torch FP32 channels_last": lambda: evaluate(state.model, loader, progress=False, channels_last=True),
+        "torch sim": lambda: evaluate(sim.model, loader, progress=False, channels_last=False),
+        "torch sim channels_last": lambda: evaluate(sim.model, loader, progress=False, channels_last=True),
+        "onnxruntime-sim": lambda: evaluate_onnx(paths["sim"], loader, mode="sim", threads=args.threads, progress=False),
+        "onnxruntime-int8": lambda: evaluate_onnx(paths["int8"], loader, mode="int8", threads=args.threads,
+                                                  progress=False),
+    }
+    best, results = dict.fromkeys(engines, float("inf")), {}
+    for _ in range(args.repeats):
+        for engine, run in engines.items():
+            seconds, results[engine] = timed(run)
+            best[engine] = min(best[engine], seconds)
+    lines = []
+    for engine in engines:
+        reference = results["torch FP32" if engine.startswith("torch FP32") else "torch sim"]["predictions"]
+        same = 100.0 * float((results[engine]["predictions"] == reference).double().mean())
+        lines.append(f"| {name} | {engine} | {best[engine]:.2f} | {best['torch sim'] / best[engine]:.2f}x | "
+                     f"{results[engine]['top1']:.2f} | {same:.2f} |")
+    lines.append(f"| {name} | export (sim / int8 variant) | {export_seconds['sim']:.2f} / {export_seconds['int8']:.2f} "
+                 "| | | |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", default="../shared/data")
+    parser.add_argument("--models-dir", default="../shared/models")
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--calibration", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    info = runtime_info()
+    lines = [
+        f"{args.images} CIFAR-10 test images, batch 500, {args.threads} threads, fastest of {args.repeats} interleaved "
+        f"rounds; onnxruntime {info['onnxruntime_version']}, torch {torch.__version__}, CPU {info['cpu']} "
+        f"(int8 GEMM path: {info['int8_gemm_path']}). same = % of images whose top-1 equals torch FP32's (FP32 rows) or the torch simulation's (the others).",
+        "",
+        "| model | engine | seconds | vs torch sim | top-1 | same |",
+        "|:--|:--|--:|--:|--:|--:|",
+    ]
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in MODELS:
+            lines += bench_model(name, args, Path(workdir))
+            print("\n".join(lines), flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(lines) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
