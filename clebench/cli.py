@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--models", nargs="+", metavar="NAME", help="run only these of the config's models")
     sweep.add_argument("--out", type=Path, help="results folder (default: runs/<config name>); re-running resumes it")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sweep.add_argument("--engine", choices=["torch", "onnxruntime"],
+                       help="simulation engine for quantized rows (default: the config's [eval] engine, else torch); "
+                       "onnxruntime runs the exported QDQ model on Runtime's float kernels (CPU, needs the onnx extra)")
     sweep.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                        help="run the work units as Ray tasks: alone, on a Ray started here with this machine's CPUs/GPUs; "
                        "'auto' or HOST:PORT joins a running cluster (needs the ray extra)")
@@ -154,7 +157,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         config = config.with_limit(args.limit)
     if args.models:
         config = config.with_models(args.models)
-    config = config.with_execution(ray=args.ray, gpus_per_task=args.gpus_per_task)
+    config = config.with_execution(ray=args.ray, gpus_per_task=args.gpus_per_task).with_engine(args.engine)
     out = args.out or Path("runs") / args.config.stem
     command = "clebench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     outcome = run_sweep(config, out, data_root=args.data_root, models_dir=args.models_dir, device=args.device,

@@ -13,6 +13,15 @@
     batch_size = 256
     seed = 7                     # omit: the first files per class; set: a seeded random subset
 
+    [eval]                       # optional; the default evaluates the torch simulation only
+    engine = "torch"             # or "onnxruntime": the simulation on ONNX Runtime's float kernels (faster on CPUs)
+    deploy = ["onnxruntime"]     # also run each quantized row on real int8 kernels: int8_top1/top5/agreement columns
+
+    [execution]                  # optional; where it runs changes no number, so it is not part of the config hash
+    ray = "local"                # or "auto" / "HOST:PORT": run the work units as Ray tasks
+    gpus_per_task = 0.25
+    unit = "prefix"              # or "model": one work unit per model
+
     [report]
     range_layers = ["first_depthwise"]   # layers whose per-channel ranges are plotted (Fig. 2); qualified names allowed
 
@@ -55,6 +64,19 @@ class DataSpec:
     seed: int | None = None
 
 
+ENGINES = ("torch", "onnxruntime")
+DEPLOY_TARGETS = ("onnxruntime",)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """How quantized rows are evaluated: `engine` runs the simulation (torch, or ONNX Runtime's float kernels on the
+    exported QDQ model); each `deploy` target also runs the same network on real int8 kernels."""
+
+    engine: str = "torch"
+    deploy: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class ExecutionSpec:
     """Where and how the sweep runs; it changes no number, so it is not part of the config hash."""
@@ -72,6 +94,7 @@ class SweepConfig:
     quant: tuple[str, ...]
     range_layers: tuple[str, ...] = (FIRST_DEPTHWISE,)
     execution: ExecutionSpec = ExecutionSpec()
+    eval: EvalSpec = EvalSpec()
 
     @property
     def combinations(self) -> list[steps.Combination]:
@@ -85,6 +108,8 @@ class SweepConfig:
         """Plain data (JSON-serialisable): what baselines store and the hash covers (not `execution`)."""
         plain = json.loads(json.dumps(asdict(self)))
         del plain["execution"]
+        if self.eval == EvalSpec():
+            del plain["eval"]  # the default: configs hash as they did before [eval] existed
         return plain
 
     @property
@@ -105,15 +130,22 @@ class SweepConfig:
         execution = replace(self.execution, **{k: v for k, v in changes.items() if v is not None})
         return replace(self, execution=_execution(asdict(execution)))
 
+    def with_engine(self, engine: str | None) -> SweepConfig:
+        """The same sweep with another simulation engine (None: unchanged)."""
+        if engine is None:
+            return self
+        return replace(self, eval=_eval({"engine": engine, "deploy": list(self.eval.deploy)}))
+
     def with_limit(self, limit: int | None) -> SweepConfig:
         return replace(self, data=replace(self.data, limit=_positive_int(limit, "data.limit", allow_none=True)))
 
 
-_TOP_KEYS = {"models", "steps", "quant", "data", "report", "execution"}
+_TOP_KEYS = {"models", "steps", "quant", "data", "report", "execution", "eval"}
 _DATA_KEYS = {"dataset", "eval_split", "calibration_split", "limit", "calibration", "batch_size", "seed"}
 _MODEL_KEYS = {"name", "checkpoint"}
 _REPORT_KEYS = {"range_layers"}
 _EXECUTION_KEYS = {"ray", "gpus_per_task", "unit"}
+_EVAL_KEYS = {"engine", "deploy"}
 _UNITS = ("prefix", "model")
 
 
@@ -200,6 +232,19 @@ def _execution(table: Any) -> ExecutionSpec:
     return ExecutionSpec(ray, float(gpus), unit)
 
 
+def _eval(table: Any) -> EvalSpec:
+    if not isinstance(table, dict):
+        raise ConfigError("[eval] must be a table")
+    _unknown(table, _EVAL_KEYS, "[eval]")
+    engine = table.get("engine", "torch")
+    if engine not in ENGINES:
+        raise ConfigError(f"eval.engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    deploy = table.get("deploy", [])
+    if not isinstance(deploy, list) or any(target not in DEPLOY_TARGETS for target in deploy):
+        raise ConfigError(f"eval.deploy must be a list of {', '.join(DEPLOY_TARGETS)}, got {deploy!r}")
+    return EvalSpec(engine, tuple(deploy))
+
+
 def parse_config(raw: dict[str, Any], source: str = "config") -> SweepConfig:
     """Validate a parsed TOML document; errors name `source` and the key."""
     try:
@@ -218,7 +263,8 @@ def parse_config(raw: dict[str, Any], source: str = "config") -> SweepConfig:
         _unknown(report, _REPORT_KEYS, "[report]")
         range_layers = _string_list(report.get("range_layers", [FIRST_DEPTHWISE]), "report.range_layers")
         execution = _execution(raw.get("execution", {}))
-        return SweepConfig(_models(raw["models"]), _data(raw.get("data")), step_spec, quant, range_layers, execution)
+        return SweepConfig(_models(raw["models"]), _data(raw.get("data")), step_spec, quant, range_layers, execution,
+                           _eval(raw.get("eval", {})))
     except (ConfigError, steps.StepError, ValueError, TypeError) as error:
         raise ConfigError(f"{source}: {error}") from None
 

@@ -40,6 +40,7 @@ class Settings:
     models_dir: Path | None = None
     device: str = "cpu"
     progress: bool = True
+    scratch: Path | None = None  # where exported ONNX models are kept (a folder every worker sees)
 
 
 @dataclass
@@ -222,12 +223,18 @@ class _UnitRun:
         quant = self._quantized_accuracy(state, print_, correction, QuantConfig.from_name(key.quant))
         self.result.predictions[prediction_name(key, "fp32")] = fp32["predictions"].numpy()
         self.result.predictions[prediction_name(key, "quant")] = quant["predictions"].numpy()
+        deployed = {}
+        if "int8" in quant:
+            int8 = quant["int8"]
+            self.result.predictions[prediction_name(key, "int8")] = int8["predictions"].numpy()
+            agreement = 100.0 * (int8["predictions"] == quant["predictions"]).double().mean().item()
+            deployed = {"int8_top1": int8["top1"], "int8_top5": int8["top5"], "int8_agreement": agreement}
         self.result.rows[key] = {
             **key._asdict(),
             "fp32_top1": fp32["top1"], "fp32_top5": fp32["top5"], "quant_top1": quant["top1"], "quant_top5": quant["top5"],
             "delta_top1": quant["top1"] - fp32["top1"], "n_images": quant["n"],
             "n_calibration": len(self.inputs.calibration_set.labels),
-            "seconds": time.perf_counter() - started, "config_hash": self.settings.config.hash,
+            "seconds": time.perf_counter() - started, "config_hash": self.settings.config.hash, **deployed,
         }
         self.result.work.rows += 1
 
@@ -262,10 +269,25 @@ class _UnitRun:
             model, model_print = corrected.model, fingerprint(corrected.model)
         sim = QuantSim(model, calibration[0][0][:1], quant)
         sim.set_activation_ranges(self._activation_ranges(sim, model_print, quant))
-        accuracy = self._evaluate(sim.model, f"{self.result.unit.model.name} {quant.name}")
+        desc = f"{self.result.unit.model.name} {quant.name}"
+        engine = self.settings.config.eval.engine
+        accuracy = self._evaluate_sim(sim, "torch" if engine == "torch" else "onnxruntime-sim", desc)
+        if "onnxruntime" in self.settings.config.eval.deploy:
+            accuracy = accuracy | {"int8": self._evaluate_sim(sim, "onnxruntime-int8", f"{desc} int8")}
         self.memo.put("quantized", memo_key, accuracy)
         self.result.work.quantized_evaluations += 1
         return accuracy
+
+    def _evaluate_sim(self, sim: QuantSim, engine: str, desc: str) -> dict:
+        """The simulation on torch, or exported and run by ONNX Runtime (engine of onnxruntime_engine.ENGINES)."""
+        if engine == "torch":
+            return self._evaluate(sim.model, desc)
+        from clebench.onnxruntime_engine import evaluate_quantized  # the onnx extra
+
+        batches = data.batches(self.inputs.eval_set, self.settings.config.data.batch_size, self.inputs.preprocessing)
+        return evaluate_quantized(sim, self.inputs.calibration_batches[0][0][:1].cpu(), batches, engine=engine,
+                                  workdir=self.settings.scratch / "onnx", threads=torch.get_num_threads(),
+                                  progress=self.settings.progress, desc=desc)
 
     def _activation_ranges(self, sim: QuantSim, model_print: str, quant: QuantConfig) -> dict:
         """Observed once per simulated FP32 model and activation setting (AIMET's rules observe quantized weights)."""

@@ -28,11 +28,13 @@ class Recorder:
 
     row_order: every row of the sweep, in config order. range_order: every (model, steps) whose ranges are recorded,
     in config order. meta: what meta.json records about this run (config, command, machine, device ...).
+    columns: of results.csv (RESULT_COLUMNS, then DEPLOY_COLUMNS for a sweep that deploys).
     """
 
     def __init__(self, out: str | Path, meta: dict, row_order: Sequence[RowKey],
-                 range_order: Sequence[tuple[str, str]]) -> None:
+                 range_order: Sequence[tuple[str, str]], columns: Sequence[str] = results.RESULT_COLUMNS) -> None:
         self.out = Path(out)
+        self.columns = list(columns)
         self.meta = meta
         self.row_order = list(row_order)
         self.range_order = list(range_order)
@@ -95,8 +97,7 @@ class Recorder:
 
     def table(self) -> pd.DataFrame:
         """Every recorded row, in config order (rows of keys no longer in the config at the end)."""
-        return pd.DataFrame([self.rows[key] for key in _ordered(self.rows, self.row_order)],
-                            columns=results.RESULT_COLUMNS)
+        return pd.DataFrame([self.rows[key] for key in _ordered(self.rows, self.row_order)], columns=self.columns)
 
     def finish(self, work: Work, extra: dict) -> None:
         """Store this run's work counters (and wall time, memory ...) in meta.json."""

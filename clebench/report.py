@@ -144,6 +144,22 @@ def accuracy_table(group: pd.DataFrame, metric: str) -> str:
     return markdown_table(["Steps", "FP32", *quants], rows, [False] + [True] * (len(quants) + 1))
 
 
+def int8_table(group: pd.DataFrame) -> str:
+    """Markdown table of one model: per step combination and quant setting, the simulated top-1, the top-1 of the
+    same network on ONNX Runtime's int8 kernels and their agreement (% of images with the same top-1 class)."""
+    quants = list(dict.fromkeys(group["quant"]))
+    cells = group.set_index(["steps", "quant"])
+    rows = []
+    for steps in sorted_steps(group["steps"]):
+        row = [step_label(steps)]
+        for quant in quants:
+            values = cells.loc[(steps, quant), ["quant_top1", "int8_top1", "int8_agreement"]] if (steps, quant) in cells.index else None
+            row.append(MISSING if values is None or values.isna().any() else
+                       f"{values.iloc[0]:.2f} / {values.iloc[1]:.2f} ({values.iloc[2]:.1f})")
+        rows.append(row)
+    return markdown_table(["Steps", *quants], rows, [False] + [True] * len(quants))
+
+
 def _groups(results: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
     """(model, dataset, rows) in order of first appearance."""
     keys = list(dict.fromkeys(zip(results["model"], results["dataset"])))
@@ -183,6 +199,10 @@ def results_markdown(results: pd.DataFrame, source: str = "results.csv") -> str:
         ]
         for metric, title in (("top1", "Top-1"), ("top5", "Top-5")):
             lines += ["", f"### {title} accuracy (%)", "", accuracy_table(group, metric)]
+        if "int8_top1" in group and group["int8_top1"].notna().any():
+            lines += ["", "### Simulated vs real int8 (ONNX Runtime) top-1 (%)", "",
+                      "Each cell: simulated / int8 kernels (agreement: % of images with the same top-1 class).", "",
+                      int8_table(group)]
     return "\n".join(lines) + "\n"
 
 
@@ -192,7 +212,8 @@ def _save(figure: Figure, path: Path) -> Path:
 
 
 def plot_accuracy(group: pd.DataFrame, path: Path, title: str) -> Path:
-    """Quantized top-1 (%) per step combination, one line per quant setting, FP32 dashed; rows of one model."""
+    """Quantized top-1 (%) per step combination, one line per quant setting (dotted: the same on real int8 kernels,
+    where the sweep deployed it), FP32 dashed; rows of one model."""
     steps = sorted_steps(group["steps"])
     x = np.arange(len(steps))
     figure = Figure(figsize=(max(6.4, 1.3 * len(steps) + 3.0), 4.8), layout="constrained")
@@ -201,8 +222,11 @@ def plot_accuracy(group: pd.DataFrame, path: Path, title: str) -> Path:
     ax.plot(x, fp32.to_numpy(), "k--", marker="_", markersize=12, label="FP32")
     markers = "osD^vP*X"
     for i, quant in enumerate(dict.fromkeys(group["quant"])):
-        top1 = group[group["quant"] == quant].set_index("steps")["quant_top1"].reindex(steps)
-        ax.plot(x, top1.to_numpy(), marker=markers[i % len(markers)], label=quant)
+        rows = group[group["quant"] == quant].set_index("steps")
+        line, = ax.plot(x, rows["quant_top1"].reindex(steps).to_numpy(), marker=markers[i % len(markers)], label=quant)
+        if "int8_top1" in rows and rows["int8_top1"].notna().any():
+            ax.plot(x, rows["int8_top1"].reindex(steps).to_numpy(), marker=markers[i % len(markers)], linestyle=":",
+                    color=line.get_color(), markerfacecolor="none", label=f"{quant}, int8 (ONNX Runtime)")
     ax.set_xticks(x, [step_label(s).replace(" + ", "\n+ ") for s in steps], fontsize=8)
     ax.set_xlabel("steps applied before quantization")
     ax.set_ylabel("top-1 accuracy (%)")

@@ -27,13 +27,13 @@ from torch import nn
 from tqdm import tqdm
 
 import clebench
-from clebench import data, graph, plan, steps
+from clebench import data, graph, plan, results, steps
 from clebench.config import SweepConfig
 from clebench.execute import Memo, Resources, Settings, UnitResult, Work, execute_unit, fingerprint, peak_memory_mib
 from clebench.models import load_model, model_label_space
 from clebench.record import Recorder
 
-MEMO_FOLDER = ".memo"  # fingerprint-keyed work shared by Ray tasks; removed once every row is recorded
+SCRATCH_FOLDER = ".memo"  # work shared by Ray tasks and exported ONNX models; removed once every row is recorded
 LABEL_SPACES = {"cifar10": "cifar10", "cifar100": "cifar100", "imagenet": "imagenet", "imagenette": "imagenet"}
 
 
@@ -117,28 +117,32 @@ def run_sweep(config: SweepConfig, out: str | Path, *, data_root: str | Path | N
     started = time.perf_counter()
     out = Path(out)
     execution = config.execution
+    if config.eval.engine == "onnxruntime" and torch.device(device).type != "cpu":
+        raise SweepError(f"the onnxruntime engine runs on the CPU, not {device}: use --engine torch on a GPU "
+                         "(deploy = [\"onnxruntime\"] still runs the int8 rows on the CPU)")
     settings = Settings(config, data.data_root(data_root).resolve(),
                         None if models_dir is None else Path(models_dir).resolve(), device,
-                        progress and execution.ray is None)
+                        progress and execution.ray is None, (out / SCRATCH_FOLDER).resolve())
     loaded, usable = check_models(config, settings.models_dir)
     meta = run_metadata(settings, command)
-    with Recorder(out, meta, plan.row_order(config, usable), range_order(config, usable)) as recorder:
+    columns = results.RESULT_COLUMNS + (results.DEPLOY_COLUMNS if config.eval.deploy else [])
+    with Recorder(out, meta, plan.row_order(config, usable), range_order(config, usable), columns) as recorder:
         identities = prefix_identities(config, loaded, usable) if execution.ray else None
         units = plan.plan(config, usable, recorder.done, execution.unit, identities)
         if execution.ray is None:
-            results = execute_locally(units, settings, Resources(settings, loaded))
+            finished = execute_locally(units, settings, Resources(settings, loaded))
         else:
             from clebench.distributed import execute_on_ray  # Ray is an optional extra
 
-            results = execute_on_ray(units, settings, out / MEMO_FOLDER, address=_ray_address(execution.ray),
+            finished = execute_on_ray(units, settings, out / SCRATCH_FOLDER, address=_ray_address(execution.ray),
                                      gpus_per_task=execution.gpus_per_task)
         work = Work()
         with tqdm(total=sum(len(u.rows) for u in units), desc="sweep rows", unit="row", disable=not progress) as bar:
-            for result in results:
+            for result in finished:
                 recorder.record(result)
                 work.add(result.work)
                 bar.update(len(result.rows))
-        shutil.rmtree(out / MEMO_FOLDER, ignore_errors=True)  # every row is recorded: the memo has served
+        shutil.rmtree(out / SCRATCH_FOLDER, ignore_errors=True)  # every row is recorded: the memo has served
         wall = round(time.perf_counter() - started, 1)
         recorder.finish(work, {"wall_seconds": wall, "peak_memory_mib": peak_memory_mib(), "units": len(units),
                                "engine": "ray" if execution.ray else "local"})
@@ -170,4 +174,15 @@ def run_metadata(settings: Settings, command: str | None) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "precision": "fp32, TF32 off" if device.type == "cuda" else "fp32",
         "data_root": str(settings.data_root),
+        **({"onnxruntime": _runtime_info()} if uses_onnxruntime(settings.config) else {}),
     }
+
+
+def uses_onnxruntime(config: SweepConfig) -> bool:
+    return config.eval.engine == "onnxruntime" or "onnxruntime" in config.eval.deploy
+
+
+def _runtime_info() -> dict:
+    from clebench.onnxruntime_engine import runtime_info  # the onnx extra
+
+    return runtime_info()

@@ -17,6 +17,7 @@ import pytest
 
 from clebench import layers
 from clebench.config import parse_config
+from clebench.report import write_report
 from clebench.regression import check, format_check, results_config, results_device, write_baseline
 from clebench.results import (
     KEY_COLUMNS,
@@ -189,3 +190,26 @@ def test_check_fails_a_sweep_whose_scaling_is_broken(uninterrupted, tmp_path, mo
     regressed = result.table.loc[result.table["status"] == "regressed", "steps"].tolist()
     assert not result.ok and regressed and all("cls_relu6_clip" in s for s in regressed), format_check(result)
     assert (result.table.loc[result.table["status"] == "regressed", "changed_correctness"] > 3).all()
+
+
+@pytest.mark.slow
+def test_a_sweep_on_onnxruntime_with_int8_deployment(tmp_path, data_root, models_dir):
+    pytest.importorskip("onnxruntime")
+    config = parse_config(tomllib.loads(CONFIG.replace('steps = ["bn_fold", "bn_fold+relu6_to_relu", ', 'steps = [')
+                                        .replace(', "w4a8_per_tensor_minmax"]', "]")
+                                        + '[eval]\nengine = "onnxruntime"\ndeploy = ["onnxruntime"]\n'))
+    torch_rows = run_sweep_in_process(parse_config(tomllib.loads(CONFIG)), tmp_path / "torch", data_root=data_root,
+                                      models_dir=models_dir, progress=False).table
+    outcome = run_sweep_in_process(config, tmp_path / "ort", data_root=data_root, models_dir=models_dir, progress=False)
+    rows = outcome.table
+    assert list(rows.columns[-3:]) == ["int8_top1", "int8_top5", "int8_agreement"] and len(rows) == 2
+    assert (rows["int8_agreement"] >= 90).all() and rows["int8_top1"].notna().all()
+    same = rows.merge(torch_rows, on=KEY_COLUMNS, suffixes=("", "_torch"))
+    assert (abs(same["quant_top1"] - same["quant_top1_torch"]) <= 5.0).all()  # at most one image of 20 flips
+    predictions = read_predictions(tmp_path / "ort" / "predictions.npz")
+    assert sum(name.endswith("|int8") for name in predictions) == 2
+    meta = read_json(tmp_path / "ort" / "meta.json")
+    assert meta["onnxruntime"]["onnxruntime_version"] and "vnni" in meta["onnxruntime"]
+    assert not (tmp_path / "ort" / ".memo").exists()
+    write_report(tmp_path / "ort")
+    assert "Simulated vs real int8 (ONNX Runtime)" in (tmp_path / "ort" / "results.md").read_text()
