@@ -28,13 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from clebench import steps
+from clebench.errors import UserError
 from clebench.quant import QuantConfig
 
 DATASETS = ("cifar10", "cifar100", "imagenet", "imagenette")
 FIRST_DEPTHWISE = "first_depthwise"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A sweep configuration that cannot run."""
 
 
