@@ -192,6 +192,7 @@ def test_deprecation_notice_is_silenced_only_inside_the_call():
         "from clebench.quant.encoding import fake_quantize_per_tensor\n"
         "fake_quantize_per_tensor(torch.randn(100), 0.01, 128, 0, 255)\n"
         "torch.set_warn_always(True)\n"
+        "fake_quantize_per_tensor(torch.randn(100), 0.01, 128, 0, 255)\n"
         "torch.quantize_per_tensor(torch.randn(3), 0.1, 0, torch.quint8)\n"
     )
     result = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", user_then_ours],
@@ -200,7 +201,7 @@ def test_deprecation_notice_is_silenced_only_inside_the_call():
 
 
 def test_no_quint8_kernels_means_the_fallback(monkeypatch):
-    encoding.quint8_available.cache_clear()
+    encoding._quint8_probe.cache_clear()
     monkeypatch.delattr(torch, "quint8")
     try:
         assert not encoding.quint8_available()
@@ -208,7 +209,7 @@ def test_no_quint8_kernels_means_the_fallback(monkeypatch):
         assert torch.equal(fake_quantize_per_tensor(x, 0.01, 128, 0, 255),
                            torch.fake_quantize_per_tensor_affine(x, 0.01, 128, 0, 255))
     finally:
-        encoding.quint8_available.cache_clear()
+        encoding._quint8_probe.cache_clear()
 
 
 def test_fake_quantize_keeps_gradients_when_asked():

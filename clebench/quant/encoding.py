@@ -12,6 +12,7 @@ then re-derived from the scale and the integer zero point, so that 0 is exactly 
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ from torch import nn
 
 from clebench import layers
 from clebench.quant.config import QuantConfig, check_bits
+
+_QUINT8_NOTICE = r"torch\.quantize_per_tensor"  # start of torch's deprecation notice for the quint8 kernels
 
 # A floor on every scale (as torch.ao's observers use): an all-zero tensor or channel gets a valid grid on which 0 is
 # exact; a channel with max|w| below 127 * MIN_SCALE keeps an absolute error under MIN_SCALE / 2.
@@ -45,31 +48,43 @@ def fake_quantize_per_tensor(
 
 
 def _quint8_round_trip(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-    """quantize_per_tensor(x, quint8).dequantize(), with torch's deprecation notice silenced for this call only.
+    """quantize_per_tensor(x, quint8).dequantize(), torch's deprecation notice silenced for this call only.
 
-    torch emits that notice once per process (TORCH_WARN_ONCE), so after this call user code that calls
-    torch.quantize_per_tensor itself no longer sees it unless torch.set_warn_always(True) is on.
+    torch gives that notice once per process (the probe in `_quint8_probe` takes it), so calls only pay for the
+    suppression where torch repeats it: with torch.set_warn_always(True), or a torch that warns on every call.
     """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
-        return torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).dequantize()
+    if _quint8_probe()[1] or torch.is_warn_always_enabled():
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_QUINT8_NOTICE, category=UserWarning)
+            return torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).dequantize()
+    return torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).dequantize()
+
+
+def quint8_available() -> bool:
+    """Whether this torch still has the (deprecated) quint8 quantize kernels and they reproduce fake-quantize."""
+    return _quint8_probe()[0]
 
 
 @functools.cache
-def quint8_available() -> bool:
-    """Whether this torch still has the (deprecated) quint8 quantize kernels and they reproduce fake-quantize.
+def _quint8_probe() -> tuple[bool, bool]:
+    """(the quint8 kernels exist and match fake-quantize, they warn on every call rather than once per process).
 
-    Checked once, on a probe holding grid points, ties (x.5 steps) and values clamped at both ends.
+    Checked once, on values holding grid points, ties (x.5 steps) and values clamped at both ends.
     """
     if not (hasattr(torch, "quint8") and hasattr(torch, "quantize_per_tensor")):
-        return False
+        return False, False
     scale, zero_point = 0.1, 3
     probe = torch.arange(-20, 520, dtype=torch.float32) * (scale / 2)
-    try:
-        fast = _quint8_round_trip(probe, scale, zero_point)
-    except (RuntimeError, NotImplementedError, TypeError):
-        return False
-    return torch.equal(fast, torch.fake_quantize_per_tensor_affine(probe, scale, zero_point, 0, 255))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            fast = torch.quantize_per_tensor(probe, scale, zero_point, torch.quint8).dequantize()
+            caught.clear()
+            torch.quantize_per_tensor(probe, scale, zero_point, torch.quint8)
+        except (RuntimeError, NotImplementedError, TypeError):
+            return False, False
+    warns_each_call = any(re.match(_QUINT8_NOTICE, str(w.message)) for w in caught)
+    return torch.equal(fast, torch.fake_quantize_per_tensor_affine(probe, scale, zero_point, 0, 255)), warns_each_call
 
 
 def signed_grid(bits: int) -> tuple[int, int]:
