@@ -4,11 +4,15 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import traceback
 from pathlib import Path
 
 import torch
 
+from clebench.errors import UserError
 from clebench.regression import DEFAULT_MIN_IMAGES
+
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 EXAMPLES = """examples:
   clebench sweep configs/cifar10_ci.toml --data-root ../shared/data --models-dir ../shared/models
@@ -57,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of every error, user errors included")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sweep = commands.add_parser("sweep", help="run a sweep config and write tables and plots",
@@ -126,7 +131,7 @@ def run_export(args: argparse.Namespace) -> int:
     import time
 
     from clebench import data
-    from clebench.export import MissingExtraError, export_encodings, export_onnx
+    from clebench.export import export_encodings, export_onnx
     from clebench.models import model_preprocessing
     from clebench.prepare import calibrated_sim, prepare_fp32
 
@@ -136,11 +141,7 @@ def run_export(args: argparse.Namespace) -> int:
     calibration = list(data.batches(images, 500, preprocessing))
     sim = calibrated_sim(state, args.steps, args.quant, calibration)
     started = time.perf_counter()
-    try:
-        path = export_onnx(sim, calibration[0][0][:1], args.out, int32_bias=True if args.int32_bias else None)
-    except MissingExtraError as error:
-        print(f"clebench export: error: {error}", file=sys.stderr)
-        return 2
+    path = export_onnx(sim, calibration[0][0][:1], args.out, int32_bias=True if args.int32_bias else None)
     seconds = time.perf_counter() - started
     encodings = export_encodings(sim, args.encodings or args.out.with_suffix(".encodings.json"))
     print(f"wrote {path} ({seconds:.2f} s) and {encodings}")
@@ -221,11 +222,27 @@ def run_check(args: argparse.Namespace) -> int:
 COMMANDS = {"sweep": run_sweep, "report": run_report, "ranges": run_ranges, "check": run_check, "export": run_export}
 
 
+def is_user_error(error: BaseException) -> bool:
+    """Whether `error` reports bad input (printed as one line) rather than a bug (which keeps its traceback).
+
+    User errors: clebench's `UserError`s (bad config, step, checkpoint, missing optional extra ...), missing files,
+    and a ValueError raised by clebench's own validation code; a ValueError raised inside torch, pandas ... is a bug.
+    """
+    if isinstance(error, (UserError, FileNotFoundError)):
+        return True
+    if not isinstance(error, ValueError):
+        return False
+    innermost = traceback.extract_tb(error.__traceback__)[-1:]
+    return bool(innermost) and Path(innermost[0].filename).resolve().is_relative_to(PACKAGE_DIR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError) as error:  # our errors say what to do; no traceback
+    except Exception as error:
+        if args.debug or not is_user_error(error):
+            raise
         print(f"clebench {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

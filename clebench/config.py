@@ -1,6 +1,7 @@
 """Sweep configuration: a TOML file (parsed with tomllib) validated into a frozen `SweepConfig`.
 
     models = ["resnet18_cifar10", "mobilenet_v2_cifar10"]   # or [[models]] tables: name = "...", checkpoint = "..."
+                                                            # (a relative checkpoint is relative to the config file)
     steps = "paper"                                         # a preset ("paper", "all") or ["bn_fold", "bn_fold+cls", ...]
     quant = ["w8a8_per_tensor_minmax", "w8a8_per_channel_minmax"]
 
@@ -12,6 +13,7 @@
     calibration = 512            # calibration images from calibration_split, class-balanced
     batch_size = 256
     seed = 7                     # omit: the first files per class; set: a seeded random subset
+    download = true              # cifar10 | cifar100 | imagenette: torchvision fetches them into the data root if absent
 
     [eval]                       # optional; the default evaluates the torch simulation only
     engine = "torch"             # or "onnxruntime": the simulation on ONNX Runtime's float kernels (faster on CPUs)
@@ -25,32 +27,48 @@
     [report]
     range_layers = ["first_depthwise"]   # layers whose per-channel ranges are plotted (Fig. 2); qualified names allowed
 
-Every key is checked before any work starts; an error names the key and the allowed values.
+Every key is checked before any work starts; an error names the key and the allowed values. The hash covers what
+changes the numbers, as written in the file: checkpoint paths as written (so clones in different folders agree), and
+not `download`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tomllib
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from clebench import steps
+from clebench.errors import UserError
 from clebench.quant import QuantConfig
 
 DATASETS = ("cifar10", "cifar100", "imagenet", "imagenette")
 FIRST_DEPTHWISE = "first_depthwise"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A sweep configuration that cannot run."""
+
+
+_UNHASHED = {"hashed": False}  # field metadata: left out of to_dict() and the hash
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    checkpoint: str | None = None
+    checkpoint: str | None = None  # the path loaders use: ~ expanded, a relative one joined to the config's folder
+    # The path as the config file writes it: what to_dict() and the hash record (None: same as `checkpoint`).
+    written_checkpoint: str | None = field(default=None, repr=False, compare=False, metadata=_UNHASHED)
+
+    def __post_init__(self) -> None:
+        if self.written_checkpoint is None:
+            object.__setattr__(self, "written_checkpoint", self.checkpoint)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "checkpoint": self.written_checkpoint}
 
 
 @dataclass(frozen=True)
@@ -62,6 +80,10 @@ class DataSpec:
     calibration: int = 512
     batch_size: int = 256
     seed: int | None = None
+    download: bool = field(default=False, metadata=_UNHASHED)  # may torchvision fetch a missing data set
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("hashed", True)}
 
 
 ENGINES = ("torch", "onnxruntime")
@@ -106,11 +128,11 @@ class SweepConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON-serialisable): what baselines store and the hash covers (not `execution`)."""
-        plain = json.loads(json.dumps(asdict(self)))
+        plain = {**asdict(self), "models": [spec.to_dict() for spec in self.models], "data": self.data.to_dict()}
         del plain["execution"]
         if self.eval == EvalSpec():
             del plain["eval"]  # the default: configs hash as they did before [eval] existed
-        return plain
+        return json.loads(json.dumps(plain))
 
     @property
     def hash(self) -> str:
@@ -141,7 +163,7 @@ class SweepConfig:
 
 
 _TOP_KEYS = {"models", "steps", "quant", "data", "report", "execution", "eval"}
-_DATA_KEYS = {"dataset", "eval_split", "calibration_split", "limit", "calibration", "batch_size", "seed"}
+_DATA_KEYS = {"dataset", "eval_split", "calibration_split", "limit", "calibration", "batch_size", "seed", "download"}
 _MODEL_KEYS = {"name", "checkpoint"}
 _REPORT_KEYS = {"range_layers"}
 _EXECUTION_KEYS = {"ray", "gpus_per_task", "unit"}
@@ -171,7 +193,12 @@ def _string_list(value: Any, key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _models(value: Any) -> tuple[ModelSpec, ...]:
+def _checkpoint_path(written: str, base_dir: Path | None) -> str:
+    path = Path(written).expanduser()
+    return str(path) if base_dir is None or path.is_absolute() else os.path.normpath(base_dir / path)
+
+
+def _models(value: Any, base_dir: Path | None) -> tuple[ModelSpec, ...]:
     if not isinstance(value, list) or not value:
         raise ConfigError(f"models must be a non-empty list of model names or [[models]] tables, got {value!r}")
     specs = []
@@ -184,7 +211,8 @@ def _models(value: Any) -> tuple[ModelSpec, ...]:
         checkpoint = entry.get("checkpoint")
         if checkpoint is not None and not isinstance(checkpoint, str):
             raise ConfigError(f"models.{entry['name']}.checkpoint must be a path string, got {checkpoint!r}")
-        specs.append(ModelSpec(entry["name"], checkpoint))
+        resolved = None if checkpoint is None else _checkpoint_path(checkpoint, base_dir)
+        specs.append(ModelSpec(entry["name"], resolved, written_checkpoint=checkpoint))
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
         raise ConfigError(f"models lists a model twice: {names}")
@@ -204,6 +232,9 @@ def _data(table: Any) -> DataSpec:
     seed = table.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise ConfigError(f"data.seed must be a non-negative integer (or omitted), got {seed!r}")
+    download = table.get("download", False)
+    if not isinstance(download, bool):
+        raise ConfigError(f"data.download must be true or false, got {download!r}")
     defaults = DataSpec(dataset)
     return DataSpec(
         dataset=dataset,
@@ -213,6 +244,7 @@ def _data(table: Any) -> DataSpec:
         calibration=_positive_int(table.get("calibration", defaults.calibration), "data.calibration"),
         batch_size=_positive_int(table.get("batch_size", defaults.batch_size), "data.batch_size"),
         seed=seed,
+        download=download,
     )
 
 
@@ -245,8 +277,12 @@ def _eval(table: Any) -> EvalSpec:
     return EvalSpec(engine, tuple(deploy))
 
 
-def parse_config(raw: dict[str, Any], source: str = "config") -> SweepConfig:
-    """Validate a parsed TOML document; errors name `source` and the key."""
+def parse_config(raw: dict[str, Any], source: str = "config", base_dir: str | Path | None = None) -> SweepConfig:
+    """Validate a parsed TOML document; errors name `source` and the key.
+
+    base_dir: the folder relative checkpoint paths are joined to (load_config: the config file's folder); None leaves
+    them relative to the working directory.
+    """
     try:
         _unknown(raw, _TOP_KEYS, "the top level")
         for key in ("models", "steps", "quant"):
@@ -262,14 +298,16 @@ def parse_config(raw: dict[str, Any], source: str = "config") -> SweepConfig:
             raise ConfigError("[report] must be a table")
         _unknown(report, _REPORT_KEYS, "[report]")
         range_layers = _string_list(report.get("range_layers", [FIRST_DEPTHWISE]), "report.range_layers")
+        models = _models(raw["models"], None if base_dir is None else Path(base_dir))
         execution = _execution(raw.get("execution", {}))
-        return SweepConfig(_models(raw["models"]), _data(raw.get("data")), step_spec, quant, range_layers, execution,
+        return SweepConfig(models, _data(raw.get("data")), step_spec, quant, range_layers, execution,
                            _eval(raw.get("eval", {})))
     except (ConfigError, steps.StepError, ValueError, TypeError) as error:
         raise ConfigError(f"{source}: {error}") from None
 
 
 def load_config(path: str | Path) -> SweepConfig:
+    """Read and validate a TOML sweep config; relative checkpoint paths in it are relative to its folder."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -277,4 +315,4 @@ def load_config(path: str | Path) -> SweepConfig:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path} is not valid TOML: {error}") from None
-    return parse_config(raw, str(path))
+    return parse_config(raw, str(path), path.resolve().parent)

@@ -93,7 +93,7 @@ def data_root(root: str | os.PathLike | None = None, *, create: bool = False) ->
     if root is None:
         env = os.environ.get("CLEBENCH_DATA")
         if not env:
-            raise FileNotFoundError("no data root given: pass root= (CLI: --data) or set CLEBENCH_DATA")
+            raise FileNotFoundError("no data root given: pass root= (CLI: --data-root) or set CLEBENCH_DATA")
         path, origin = Path(env), "CLEBENCH_DATA"
     else:
         path, origin = Path(root), "the root argument"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+from clebench.errors import MissingExtraError, UserError
 from clebench.execute import DiskMemo, Resources, Settings, UnitResult, execute_unit
 from clebench.plan import WorkUnit
 
@@ -17,7 +18,7 @@ TASK_RETRIES = 3  # a unit whose worker process dies is re-run up to this often;
 _RESOURCES: dict[Settings, Resources] = {}  # per worker process: checkpoints and images stay loaded between tasks
 
 
-class UnitFailedError(ValueError):
+class UnitFailedError(UserError):
     """A work unit raised on a Ray worker (its message names the unit and the error); rows recorded before it stay."""
 
 
@@ -25,7 +26,7 @@ def _import_ray():
     try:
         import ray
     except ImportError:
-        raise ImportError('--ray needs Ray: pip install -e ".[ray]"') from None
+        raise MissingExtraError('--ray needs Ray: pip install -e ".[ray]"') from None
     return ray
 
 

@@ -167,7 +167,7 @@ class Resources:
             config = self.settings.config
             self._images[key] = data.load_images(
                 config.data.dataset, split, self.settings.data_root, preprocessing, limit=limit, seed=config.data.seed,
-                progress=self.settings.progress,
+                download=config.data.download, progress=self.settings.progress,
             )
         return self._images[key]
 

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from clebench.errors import MissingExtraError, UserError
 from clebench import layers
 from clebench.activations import ChannelClippedReLU, functional_relu6_bound
 from clebench.graph import TRANSPARENT_FUNCTIONS, TRANSPARENT_TYPES
@@ -48,12 +49,8 @@ HINT = "evaluate this model with the torch engine (engine='torch' / --engine tor
 _INT_TYPES = {(8, True): np.int8, (8, False): np.uint8, (16, True): np.int16, (16, False): np.uint16}
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """A model, op or setting that has no exact ONNX QDQ encoding."""
-
-
-class MissingExtraError(ImportError):
-    """onnx / onnxruntime are not installed."""
 
 
 def require(module: str):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from clebench import layers
+from clebench.errors import UserError
 from clebench.activations import (
     RELU6_FUNCTIONS,
     RELU_FUNCTIONS,
@@ -39,7 +40,7 @@ def check_relu6_policy(relu6: str) -> None:
         raise ValueError(f"relu6 policy must be one of {RELU6_POLICIES}, got {relu6!r}")
 
 
-class UntraceableModelError(ValueError):
+class UntraceableModelError(UserError):
     """torch.fx could not trace the model; auto mode needs a trace, manual mode does not."""
 
 

@@ -15,11 +15,12 @@ import numpy as np
 import pandas as pd
 
 from clebench import results
+from clebench.errors import UserError
 from clebench.execute import UnitResult, Work
 from clebench.results import RowKey
 
 
-class RecordError(ValueError):
+class RecordError(UserError):
     """A results folder that belongs to another sweep configuration."""
 
 

@@ -22,12 +22,8 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import LogFormatter, MaxNLocator
 
 from clebench.results import CHANNEL_RANGES_COLUMNS, KEY_COLUMNS, RANGES_COLUMNS, RESULT_COLUMNS
+from clebench.steps import NO_STEPS, STEP_ORDER
 
-NO_STEPS = "none"
-STEP_ORDER = (
-    "bn_fold", "relu6_to_relu", "cls", "cls_relu6_keep", "cls_relu6_clip", "hbf",
-    "bias_correction", "bias_correction_empirical",
-)
 STEP_LABELS = {
     "bn_fold": "BN fold",
     "relu6_to_relu": "ReLU6→ReLU",

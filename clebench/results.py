@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
+from clebench.errors import UserError
 from clebench.ranges import CHANNEL_COLUMNS, LAYER_COLUMNS
 
 KEY_COLUMNS = ["model", "dataset", "steps", "quant"]
@@ -50,7 +51,7 @@ class RowKey(NamedTuple):
     quant: str
 
 
-class ResultsFolderError(ValueError):
+class ResultsFolderError(UserError):
     """A results folder that cannot be used: locked by another sweep, or holding an unreadable file."""
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from clebench import graph, utils
+from clebench.errors import UserError
 from clebench.batch_norm_fold import backward_fold_map, fold_all_batch_norms
 from clebench.cross_layer_equalization import ClsSetInfo, CrossLayerScaling, HighBiasFold
 
@@ -34,7 +35,7 @@ NO_STEPS = "none"
 Combination = tuple[str, ...]
 
 
-class StepError(ValueError):
+class StepError(UserError):
     """An unknown step, an impossible order or a missing dependency."""
 
 

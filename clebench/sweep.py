@@ -29,6 +29,7 @@ from tqdm import tqdm
 import clebench
 from clebench import data, graph, plan, results, steps
 from clebench.config import SweepConfig
+from clebench.errors import UserError
 from clebench.execute import Memo, Resources, Settings, UnitResult, Work, execute_unit, fingerprint, peak_memory_mib
 from clebench.models import load_model, model_label_space
 from clebench.record import Recorder
@@ -37,7 +38,7 @@ SCRATCH_FOLDER = ".memo"  # work shared by Ray tasks and exported ONNX models; r
 LABEL_SPACES = {"cifar10": "cifar10", "cifar100": "cifar100", "imagenet": "imagenet", "imagenette": "imagenet"}
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
     """A sweep that cannot start (a model for other labels, a step it cannot take ...)."""
 
 

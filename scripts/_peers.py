@@ -1,5 +1,5 @@
-"""What compare_aimet.py and bench_peers.py share: the optional AIMET peer, the models, the images and the two
-quantization simulators set up the same way.
+"""What compare_aimet.py and the bench_peers_*.py scripts share: the optional AIMET peer, the models, the images,
+the two quantization simulators set up the same way, and the results tables the bench scripts write.
 
 AIMET (`aimet-torch`, pip extra `bench`) is imported only here and only on demand, so the scripts still run their
 clebench / torch.ao parts in an environment without it.
@@ -14,18 +14,25 @@ each BN as a float op and quantizes the unfolded conv weight), then Quantization
 """
 from __future__ import annotations
 
+import argparse
 import copy
+import datetime
+import gc
 import importlib
 import importlib.metadata
 import logging
+import math
 import os
 import platform
 import sys
+import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import torch
 import torchvision
 from torch import nn
@@ -39,6 +46,7 @@ from clebench.quant import QuantConfig, QuantSim
 
 CIFAR_MODELS = ("resnet18_cifar10", "mobilenet_v2_cifar10")
 IMAGENET_SHAPE_MODELS = ("resnet18", "mobilenet_v2")  # torchvision, random weights, randomized BN statistics
+CLE_MODELS = IMAGENET_SHAPE_MODELS + CIFAR_MODELS  # what the CLE time and agreement benchmarks equalize
 CIFAR_SHAPE = (1, 3, 32, 32)
 IMAGENET_SHAPE = (1, 3, 224, 224)
 CALIBRATION_IMAGES = 512
@@ -212,3 +220,165 @@ def aimet_error(error: Exception) -> str:
     """A one-line record of an AIMET failure for the result tables."""
     first = (str(error).strip().splitlines() or [""])[0][:200]
     return f"AIMET failed: {type(error).__name__}: {first}"
+
+
+# ---------------------------------------------------------------------------------------------------- results
+# Every bench_peers_<section>.py script measures one section, prints its table and merges its rows into
+# results/bench/peers.csv (rows of the same section replace older ones), then rewrites results/bench/peers.md.
+
+SECTIONS = ("cle-time", "agreement", "simulation", "sweep")  # the scripts bench_peers_cle_time.py, ... in peers.md order
+CSV_COLUMNS = ("section", "model", "measure", "tool", "value", "unit", "note", "machine", "date")
+TARGET_TOOL = "target"  # rows of this tool are pass / fail checks, listed under each section's table
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "results" / "bench"
+
+
+@dataclass
+class Row:
+    """One measured number; a row with tool == TARGET_TOOL states a target and whether it was met (note)."""
+
+    model: str
+    measure: str
+    tool: str
+    value: float
+    unit: str
+    note: str = ""
+
+
+@dataclass
+class SectionResult:
+    rows: list[Row] = field(default_factory=list)
+    skipped: str = ""  # why the section did not run, if it did not
+
+    def target(self, model: str, measure: str, value: float, unit: str, met: bool) -> None:
+        self.rows.append(Row(model, measure, TARGET_TOOL, value, unit, "met" if met else "MISSED"))
+
+
+def timed(call: Callable[[], object]) -> float:
+    """Seconds one call takes, with garbage collection done before and held off during it (as timeit does)."""
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        call()
+        return time.perf_counter() - start
+    finally:
+        gc.enable()
+
+
+def format_value(value: float) -> str:
+    if math.isnan(value):
+        return "-"
+    if float(value).is_integer() and abs(value) < 1e6:
+        return f"{int(value)}"
+    return f"{value:.3g}" if abs(value) < 1e-2 and value != 0 else f"{value:,.2f}"
+
+
+def section_tables(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(measurements: one row per model / measure / unit, one column per tool, in first-seen order; targets)."""
+    targets = frame[frame["tool"] == TARGET_TOOL][["model", "measure", "value", "unit", "note"]]
+    measured = frame[frame["tool"] != TARGET_TOOL]
+    tools = list(dict.fromkeys(measured["tool"]))
+    table: dict[tuple[str, str, str], dict] = {}
+    for row in measured.itertuples():
+        record = table.setdefault((row.model, row.measure, row.unit), {
+            "model": row.model, "measure": row.measure, "unit": row.unit, **dict.fromkeys(tools, math.nan), "note": "",
+        })
+        record[row.tool] = row.value
+        record["note"] = "; ".join(filter(None, [record["note"], row.note]))
+    wide = pd.DataFrame(list(table.values()))
+    return (wide if wide["note"].any() else wide.drop(columns="note")), targets
+
+
+def target_line(target) -> str:
+    """'<model>: <target>: <value> <unit> -- met|MISSED' for a target row (a namedtuple from itertuples)."""
+    value = ("yes" if target.value else "no") if target.unit == "bool" else f"{format_value(target.value)} {target.unit}"
+    return f"{target.model}: {target.measure}: {value} -- {target.note}"
+
+
+def tools_of(wide: pd.DataFrame) -> list[str]:
+    """The value columns of a section table (one per tool)."""
+    return [c for c in wide.columns if c not in ("model", "measure", "unit", "note")]
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    cells = [[format_value(v) if isinstance(v, float) else str(v) for v in row] for row in frame.itertuples(index=False)]
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
+
+
+def render(frame: pd.DataFrame) -> str:
+    """Markdown for every section in `frame` (the merged CSV)."""
+    parts = ["# clebench vs peers", "",
+             "Generated by scripts/bench_peers_*.py; the machine is shared, so compare ratios, not absolute times.", ""]
+    for section, rows in frame.groupby("section", sort=False):
+        wide, targets = section_tables(rows)
+        parts += [f"## {section}", "", f"Machine: {rows['machine'].iloc[0]}; run {rows['date'].iloc[0]}.", "",
+                  markdown_table(wide), ""]
+        if len(targets):
+            parts += ["Targets:", ""] + [
+                f"- {target_line(t)}" for t in targets.itertuples()
+            ] + [""]
+    return "\n".join(parts)
+
+
+def write_results(rows: pd.DataFrame, out: Path) -> None:
+    """Merge `rows` into out/peers.csv (replacing rows of the same sections) and rewrite out/peers.md."""
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "peers.csv"
+    if csv_path.is_file():
+        old = pd.read_csv(csv_path, keep_default_na=False, na_values=[""], dtype={"note": str})
+        old["note"] = old["note"].fillna("")
+        rows = pd.concat([old[~old["section"].isin(set(rows["section"]))], rows], ignore_index=True)
+    order = {name: index for index, name in enumerate(SECTIONS)}  # sections in script order, unknown ones last
+    rows = rows.sort_values("section", key=lambda column: column.map(lambda name: order.get(name, len(order))),
+                            kind="stable")[list(CSV_COLUMNS)]
+    rows.to_csv(csv_path, index=False)
+    (out / "peers.md").write_text(render(rows))
+    print(f"wrote {csv_path} and {out / 'peers.md'}")
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """The options every bench_peers script takes: data, checkpoints, threads and where the tables go."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=None, help="data root (default: env CLEBENCH_DATA)")
+    parser.add_argument("--models-dir", default=None, help="CIFAR-10 checkpoints folder (default: env CLEBENCH_MODELS)")
+    parser.add_argument("--threads", type=positive_int, default=1,
+                        help="torch.set_num_threads value (default 1: CLE is many small ops, which extra threads on a "
+                             "busy machine only slow down)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR,
+                        help="folder of peers.csv / peers.md (default: results/bench in the repository)")
+    return parser
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def run_section(section: str, measure: Callable[[argparse.Namespace, SimpleNamespace | None], SectionResult],
+                args: argparse.Namespace) -> None:
+    """Load AIMET if present, run `measure(args, aimet)`, print its table and targets, and record its rows."""
+    torch.set_num_threads(args.threads)
+    aimet = load_aimet()
+    machine = machine_summary(aimet)
+    print(f"# {machine}")
+    if aimet is None:
+        print(f"# {aimet_missing_message()}; AIMET columns are left out")
+    print(f"## {section}", flush=True)
+    try:
+        result = measure(args, aimet)
+    except FileNotFoundError as error:  # data or checkpoints not where the arguments / environment say
+        raise SystemExit(f"error: {error}") from None
+    if result.skipped:
+        print(f"  skipped: {result.skipped}")
+        return
+    frame = pd.DataFrame([asdict(row) for row in result.rows], columns=list(Row.__dataclass_fields__))
+    frame.insert(0, "section", section)
+    frame["machine"], frame["date"] = machine, datetime.datetime.now().isoformat(timespec="seconds")
+    wide, targets = section_tables(frame)
+    print(wide.to_string(index=False, na_rep="-", formatters=dict.fromkeys(tools_of(wide), format_value)))
+    for target in targets.itertuples():
+        print(f"  target {target_line(target)}")
+    write_results(frame, args.out)

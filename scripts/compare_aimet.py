@@ -39,18 +39,16 @@ import argparse
 import copy
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _peers  # noqa: E402  (the scripts' shared helpers live beside them)
+import _peers  # the scripts' shared helpers live beside them
 
-from clebench.cross_layer_equalization import equalize_model  # noqa: E402
-from clebench.data import batches  # noqa: E402
-from clebench.evaluation import evaluate  # noqa: E402
-from clebench.models import load_model, model_preprocessing  # noqa: E402
+from clebench.cross_layer_equalization import equalize_model
+from clebench.data import batches
+from clebench.evaluation import evaluate
+from clebench.models import load_model, model_preprocessing
 
 
 @dataclass

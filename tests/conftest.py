@@ -43,8 +43,9 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def _env_path(variable: str) -> Path | None:
+    """The folder named by env `variable`, made absolute: the README sets relative paths (../shared/data)."""
     value = os.environ.get(variable)
-    return Path(value) if value and Path(value).is_dir() else None
+    return Path(value).resolve() if value and Path(value).is_dir() else None
 
 
 @pytest.fixture(scope="session")

@@ -13,9 +13,9 @@ from conftest import ClippedNet  # noqa: E402
 onnx = pytest.importorskip("onnx")
 from onnx import numpy_helper  # noqa: E402
 
+from clebench.errors import MissingExtraError
 from clebench.export import (  # noqa: E402
     ExportError,
-    MissingExtraError,
     aimet_encodings,
     cached_export,
     export_encodings,

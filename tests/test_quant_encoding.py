@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from clebench.quant import (
     symmetric_encoding,
     tensor_encoding,
 )
+from clebench.quant import encoding
 from clebench.quant.encoding import MIN_SCALE, fake_quantize_per_tensor, weight_encoding
 
 
@@ -165,15 +168,48 @@ def test_quantize_weight_leaves_the_layer_alone():
     assert quantized.unique().numel() <= 16
 
 
-def test_fast_8bit_path_is_bit_identical_to_torch_fake_quantize():
+def test_fast_8bit_path_and_fallback_are_bit_identical_to_torch_fake_quantize(monkeypatch):
+    assert encoding.quint8_available()  # this torch still has the kernels: the fast path is the one tested first
     generator = torch.Generator().manual_seed(0)
     for trial in range(20):
         scale = float(torch.rand(1, generator=generator)) * 0.1 + 1e-4
         zero_point = int(torch.randint(0, 256, (1,), generator=generator))
-        k = torch.arange(-300, 300, dtype=torch.float32)
+        k = torch.arange(-300, 300, dtype=torch.float32)  # grid points, ties (x.5) and clamping at both ends
         x = torch.cat([(k + 0.5) * scale, k * scale, torch.randn(5000, generator=generator) * scale * 200])
         expected = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255)
+        assert torch.equal(encoding._quint8_round_trip(x, scale, zero_point), expected)
+        with monkeypatch.context() as patch:
+            patch.setattr(encoding, "quint8_available", lambda: False)
+            assert torch.equal(fake_quantize_per_tensor(x, scale, zero_point, 0, 255), expected)
         assert torch.equal(fake_quantize_per_tensor(x, scale, zero_point, 0, 255), expected)
+
+
+def test_deprecation_notice_is_silenced_only_inside_the_call():
+    # A fresh process with warnings as errors: clebench's own call stays quiet, and the user's own call still raises
+    # because importing clebench installs no process-wide filter (torch warns once per process unless warn_always).
+    user_then_ours = (
+        "import torch\n"
+        "from clebench.quant.encoding import fake_quantize_per_tensor\n"
+        "fake_quantize_per_tensor(torch.randn(100), 0.01, 128, 0, 255)\n"
+        "torch.set_warn_always(True)\n"
+        "fake_quantize_per_tensor(torch.randn(100), 0.01, 128, 0, 255)\n"
+        "torch.quantize_per_tensor(torch.randn(3), 0.1, 0, torch.quint8)\n"
+    )
+    result = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", user_then_ours],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "UserWarning: torch.quantize_per_tensor" in result.stderr, result.stderr
+
+
+def test_no_quint8_kernels_means_the_fallback(monkeypatch):
+    encoding._quint8_probe.cache_clear()
+    monkeypatch.delattr(torch, "quint8")
+    try:
+        assert not encoding.quint8_available()
+        x = torch.linspace(-3, 3, 1001)
+        assert torch.equal(fake_quantize_per_tensor(x, 0.01, 128, 0, 255),
+                           torch.fake_quantize_per_tensor_affine(x, 0.01, 128, 0, 255))
+    finally:
+        encoding._quint8_probe.cache_clear()
 
 
 def test_fake_quantize_keeps_gradients_when_asked():

@@ -9,6 +9,8 @@ import pytest
 from matplotlib.image import imread
 from torch import nn
 
+import clebench.report
+import clebench.steps
 from clebench.ranges import channel_stats, layer_ranges
 from clebench.results import RESULT_COLUMNS
 from clebench.report import (
@@ -184,3 +186,8 @@ def test_plot_layer_ranges(tmp_path: Path):
     _assert_real_png(path)
     with pytest.raises(ValueError, match="range_ratio"):
         plot_layer_ranges(pd.DataFrame({"layer": ["0"]}), tmp_path / "bad.png", "bad")
+
+
+def test_step_order_and_labels_come_from_the_pipeline():
+    assert clebench.report.STEP_ORDER is clebench.steps.STEP_ORDER  # one source: a new step sorts where it runs
+    assert set(clebench.report.STEP_LABELS) == set(clebench.steps.STEP_ORDER)

@@ -1,4 +1,4 @@
-"""CLE on a fast subset of the torchvision zoo (scripts/zoo_coverage.py runs all of it), and the script's own checks.
+"""CLE on a fast subset of the torchvision zoo (scripts/zoo_coverage.py runs all of it), and the checker's own checks.
 
 Expected counts were read off results/zoo_coverage.md; a change means clebench now finds different BN folds or
 CLS sets on a stock architecture, which must be explained. VGG is left out: initialising its 100M-parameter
@@ -7,6 +7,7 @@ classifier alone takes longer than all of these checks.
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,10 +17,10 @@ import torch.nn.functional as F
 from conftest import DataDependent
 from torch import nn
 
-from clebench import cross_layer_equalization, graph, layers
+from clebench import cross_layer_equalization, graph, layers, zoo_coverage
+from clebench.errors import UserError
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import zoo_coverage  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 ZOO = {  # name: (BN folds, keep (pairs, triples), clip (pairs, triples))
     "resnet18": (20, (8, 0), (8, 0)),
@@ -127,15 +128,13 @@ def test_unexpected_error_is_recorded_and_the_run_goes_on(monkeypatch, tmp_path)
     assert "| exploding | 8 | yes | 0/0 |" in report and "- exploding: unexpected RuntimeError: boom" in report
 
 
-def test_main_writes_the_report_for_a_model_filter(monkeypatch, tmp_path):
+def test_script_writes_the_report_for_a_model_filter(tmp_path):
     output = tmp_path / "zoo.md"
-    monkeypatch.setattr(sys, "argv", ["scripts/zoo_coverage.py", "--models", "squeezenet1_.", "--output", str(output)])
-    with pytest.raises(SystemExit) as exit_info:
-        zoo_coverage.main()
-    assert exit_info.value.code == 0
+    command = [sys.executable, "scripts/zoo_coverage.py", "--models", "squeezenet1_.", "--output", str(output)]
+    assert subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300).returncode == 0
     text = output.read_text()
     assert f"torch {torch.__version__}" in text and "`python scripts/zoo_coverage.py --models squeezenet1_. --output" in text
     assert "**2 models: 2 ok, 0 rejected with UntraceableModelError, 0 FAIL.**" in text
     assert [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| squeeze")] == ["| squeezenet1_0", "| squeezenet1_1"]
-    with pytest.raises(SystemExit, match="'resnet1' matches no torchvision classification model"):
+    with pytest.raises(UserError, match="'resnet1' matches no torchvision classification model"):
         zoo_coverage.select(["resnet1"])

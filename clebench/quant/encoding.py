@@ -11,6 +11,8 @@ then re-derived from the scale and the integer zero point, so that 0 is exactly 
 """
 from __future__ import annotations
 
+import functools
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -20,9 +22,7 @@ from torch import nn
 from clebench import layers
 from clebench.quant.config import QuantConfig, check_bits
 
-# The quint8 kernels fake_quantize_per_tensor uses below are deprecated in torch 2.14 but not removed; they are
-# what makes 8-bit activation simulation cost little next to the convolutions, so the notice is silenced here.
-warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
+_QUINT8_NOTICE = r"torch\.quantize_per_tensor"  # start of torch's deprecation notice for the quint8 kernels
 
 # A floor on every scale (as torch.ao's observers use): an all-zero tensor or channel gets a valid grid on which 0 is
 # exact; a channel with max|w| below 127 * MIN_SCALE keeps an absolute error under MIN_SCALE / 2.
@@ -37,13 +37,54 @@ def fake_quantize_per_tensor(
 
     On CPU, torch's fake-quantize kernel is scalar: about 10x slower than its vectorised quint8 quantize + dequantize
     pair, which for the 8-bit unsigned grid gives bit-identical results (tests/test_quant_encoding.py checks it, ties
-    included). That pair carries no gradient, so where autograd needs one, fake-quantize runs.
+    included). That pair is deprecated (torch 2.14) and carries no gradient, so fake-quantize runs where torch no
+    longer has it or autograd needs a gradient.
     """
     if (quant_min, quant_max) == (0, 255) and x.dtype == torch.float32 and x.device.type == "cpu" and not (
         x.requires_grad and torch.is_grad_enabled()
-    ):
-        return torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).dequantize()
+    ) and quint8_available():
+        return _quint8_round_trip(x, scale, zero_point)
     return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, quant_min, quant_max)
+
+
+def _quint8_round_trip(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """quantize_per_tensor(x, quint8).dequantize(), torch's deprecation notice silenced for this call only.
+
+    torch gives that notice once per process (the probe in `_quint8_probe` takes it), so calls only pay for the
+    suppression where torch repeats it: with torch.set_warn_always(True), or a torch that warns on every call.
+    """
+    if _quint8_probe()[1] or torch.is_warn_always_enabled():
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_QUINT8_NOTICE, category=UserWarning)
+            return torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).dequantize()
+    return torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).dequantize()
+
+
+def quint8_available() -> bool:
+    """Whether this torch still has the (deprecated) quint8 quantize kernels and they reproduce fake-quantize."""
+    return _quint8_probe()[0]
+
+
+@functools.cache
+def _quint8_probe() -> tuple[bool, bool]:
+    """(the quint8 kernels exist and match fake-quantize, they warn on every call rather than once per process).
+
+    Checked once, on values holding grid points, ties (x.5 steps) and values clamped at both ends.
+    """
+    if not (hasattr(torch, "quint8") and hasattr(torch, "quantize_per_tensor")):
+        return False, False
+    scale, zero_point = 0.1, 3
+    probe = torch.arange(-20, 520, dtype=torch.float32) * (scale / 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            fast = torch.quantize_per_tensor(probe, scale, zero_point, torch.quint8).dequantize()
+            caught.clear()
+            torch.quantize_per_tensor(probe, scale, zero_point, torch.quint8)
+        except (RuntimeError, NotImplementedError, TypeError):
+            return False, False
+    warns_each_call = any(re.match(_QUINT8_NOTICE, str(w.message)) for w in caught)
+    return torch.equal(fast, torch.fake_quantize_per_tensor_affine(probe, scale, zero_point, 0, 255)), warns_each_call
 
 
 def signed_grid(bits: int) -> tuple[int, int]:

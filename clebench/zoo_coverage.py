@@ -1,0 +1,367 @@
+"""BN fold + CLS + high-bias fold checked on any classifier, against an independent reference (the torchvision zoo
+report of scripts/zoo_coverage.py is built from these checks).
+
+Each model gets random weights (seed 0), randomized BN statistics and a 1x3xSxS input, S = max(64, the
+smallest input its torchvision weights accept); nothing is downloaded. Per model:
+  keep  fold_all_batch_norms + CrossLayerScaling.scale_model(relu6="keep") on a copy
+  clip  graph.prepare_model + fold_all_batch_norms + scale_model(relu6="clip")
+  hbf   graph.prepare_model + equalize_model(relu6="clip"), i.e. BN fold + CLS + high-bias fold
+and checks that fold + CLS keeps the FP32 output (max|dy| / max|y| <= 1e-4), that every parameter and buffer
+stays finite, and that the layer links CLS scaled are exactly those an independent reference finds by
+recording the eager forward pass op by op (`reference_links`), so a silent no-op cannot pass. A model fx
+cannot trace must fail with clebench.graph.UntraceableModelError.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import math
+import os
+import platform
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from clebench import graph, layers
+from clebench.batch_norm_fold import fold_all_batch_norms
+from clebench.cross_layer_equalization import ClsSetInfo, CrossLayerScaling, equalize_model
+from clebench.errors import UserError
+
+TOLERANCE = 1e-4  # max|dy| / max|y| allowed for BN fold + CLS, which are exact up to float32 rounding
+MIN_INPUT = 64
+
+LAYER_FUNCTIONS = {
+    torch.conv1d, torch.conv2d, torch.conv3d,
+    torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d,
+    F.linear,
+}  # fmt: skip
+RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_, F.prelu, torch.prelu}
+DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.dropout}
+
+
+@dataclass
+class PolicyResult:
+    """fold_all_batch_norms + CrossLayerScaling.scale_model under one ReLU6 policy ("keep" or "clip")."""
+
+    bn_folds: int = 0
+    rel_fold: float = float("nan")  # max|dy| / max|y| after the BN fold alone
+    links: tuple[int, int] = (0, 0)  # (reference links, clebench hops)
+    sets: tuple[int, int] = (0, 0)  # (pairs, triples) scaled
+    rel: float = float("nan")  # after BN fold + CLS
+
+
+@dataclass
+class ZooResult:
+    """What CLE did to one model; rel_hbf is max|dy| / max|y| after equalize_model(relu6="clip")."""
+
+    model: str
+    input_size: int
+    traceable: bool = False
+    error: str = ""  # the UntraceableModelError message, or an unexpected exception (a bug)
+    bn_total: int = 0
+    keep: PolicyResult = field(default_factory=PolicyResult)
+    clip: PolicyResult = field(default_factory=PolicyResult)
+    rel_hbf: float = float("nan")
+    finite: bool = True
+    seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        if self.problems:
+            return "FAIL"
+        return "ok" if self.traceable else "untraceable (clear error)"
+
+
+def randomize_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BN statistics and affine parameters, in place; returns the model in eval mode.
+
+    beta reaches 3, above 3 |gamma| for about one channel in six, so high-bias folding has something to absorb.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    uniform = lambda n, low, high: torch.rand(n, generator=generator) * (high - low) + low  # noqa: E731
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                n = module.num_features
+                module.running_mean.copy_(uniform(n, -1.0, 1.0))
+                module.running_var.copy_(uniform(n, 0.5, 2.0))
+                module.weight.copy_(uniform(n, 0.25, 1.25))
+                module.bias.copy_(uniform(n, -1.0, 3.0))
+    return model.eval()
+
+
+def input_size(name: str) -> int:
+    """max(MIN_INPUT, the smallest side any of the model's torchvision weights accepts)."""
+    sizes = [w.meta["min_size"][0] for w in torchvision.models.get_model_weights(name)]
+    return max(MIN_INPUT, min(sizes))
+
+
+def build(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_batch_norms(torchvision.models.get_model(name, weights=None))
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
+class _OpRecorder(TorchFunctionMode):
+    """Records every tensor-producing torch call of an eager forward pass: (function, args, kwargs, outputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[Callable, tuple, dict, list[torch.Tensor]]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        outputs = _tensors(out)
+        if outputs:
+            self.ops.append((func, args, kwargs, outputs))
+        return out
+
+
+def _activation(func: Callable, args: tuple, kwargs: dict) -> str | None:
+    if func in RELU_FUNCTIONS:
+        return "relu"
+    if func is F.relu6:
+        return "relu6"
+    if func is F.hardtanh:
+        low = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+        high = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+        return "relu6" if low == 0.0 and high > 0.0 else None
+    return None
+
+
+def reference_links(model: nn.Module, inputs: tuple[torch.Tensor, ...], relu6: bool) -> tuple[set[tuple[str, str]], list[torch.Tensor]]:
+    """Layer pairs CLS may scale, found without fx: (layer1, layer2) module names, and the model's outputs.
+
+    Runs the model eagerly and records each torch call. layer2's input must come from layer1 through nothing but
+    ReLU/PReLU (and ReLU6 / hardtanh(0, m) when `relu6`) and eval-mode dropout, each intermediate value read by
+    exactly one op, both layers called once, scalable, and matching in channels and in Linear-ness.
+    """
+    owner = {id(module.weight): (name, module) for name, module in model.named_modules() if graph.is_scalable(module)}
+    with torch.no_grad(), _OpRecorder() as recorder:
+        outputs = _tensors(model(*inputs))
+    ops = recorder.ops
+    producer: dict[int, int] = {}
+    sources: list[list[int | None]] = []  # per op: the producing op of each tensor argument, at call time
+    readers: Counter = Counter()
+    calls: Counter = Counter()
+    for index, (func, args, kwargs, out) in enumerate(ops):
+        sources.append([producer.get(id(t)) for t in _tensors(list(args) + list(kwargs.values()))])
+        readers.update(s for s in sources[-1] if s is not None)
+        if func in LAYER_FUNCTIONS and id(args[1]) in owner:
+            calls[owner[id(args[1])][0]] += 1
+        for tensor in out:
+            producer[id(tensor)] = index
+    readers.update(producer[id(t)] for t in outputs if id(t) in producer)
+
+    def layer_at(index: int) -> tuple[str, nn.Module] | None:
+        func, args, _, _ = ops[index]
+        found = owner.get(id(args[1])) if func in LAYER_FUNCTIONS and len(args) > 1 else None
+        return found if found is not None and calls[found[0]] == 1 else None
+
+    links = set()
+    for index in range(len(ops)):
+        second = layer_at(index)
+        source = sources[index][0] if second is not None else None
+        while source is not None and readers[source] == 1:
+            first = layer_at(source)
+            if first is not None:
+                if _linkable(first[1], second[1]):
+                    links.add((first[0], second[0]))
+                break
+            func, args, kwargs, _ = ops[source]
+            kind = _activation(func, args, kwargs)
+            if not (kind == "relu" or (kind == "relu6" and relu6) or func in DROPOUT_FUNCTIONS):
+                break
+            source = sources[source][0]
+    return links, outputs
+
+
+def _linkable(first: nn.Module, second: nn.Module) -> bool:
+    same_kind = isinstance(first, nn.Linear) == isinstance(second, nn.Linear)
+    out = first.out_features if isinstance(first, nn.Linear) else first.out_channels
+    into = second.in_features if isinstance(second, nn.Linear) else second.in_channels
+    return same_kind and out == into
+
+
+def clebench_links(model: nn.Module, relu6: bool) -> set[tuple[str, str]]:
+    chains = graph.find_cls_chains(graph.trace(model), "clip" if relu6 else "keep")
+    return {(hop.layer, hop.next_layer) for chain in chains for hop in chain}
+
+
+def relative_change(outputs: Iterable[torch.Tensor], expected: Iterable[torch.Tensor]) -> float:
+    """max over outputs of max|y' - y| / max|y| (NaN if anything is not finite)."""
+    worst = 0.0
+    for actual, reference in zip(outputs, expected):
+        if not (torch.isfinite(actual).all() and torch.isfinite(reference).all()):
+            return float("nan")
+        worst = max(worst, ((actual - reference).abs().max() / reference.abs().max()).item())
+    return worst
+
+
+def all_finite(model: nn.Module) -> bool:
+    tensors = list(model.parameters()) + list(model.buffers())
+    return all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+
+
+def count_sets(infos: list[ClsSetInfo]) -> tuple[int, int]:
+    triples = sum(len(info.cls_pair_info_list) == 2 for info in infos)
+    return len(infos) - triples, triples
+
+
+def fold_and_scale(result: ZooResult, model: nn.Module, inputs: tuple, expected: list, policy: str) -> PolicyResult:
+    """Fold + scale `model` in place under `policy`; record what was done and append any problem to `result`."""
+    relu6 = policy == "clip"
+    outcome = PolicyResult(bn_folds=len(fold_all_batch_norms(model)))
+    links, after_fold = reference_links(model, inputs, relu6)
+    hops = clebench_links(model, relu6)
+    infos = CrossLayerScaling.scale_model(model, relu6=policy)
+    with torch.no_grad():
+        outcome.rel = relative_change(_tensors(model(*inputs)), expected)
+    outcome.rel_fold, outcome.links, outcome.sets = relative_change(after_fold, expected), (len(links), len(hops)), count_sets(infos)
+    if links != hops:
+        result.problems.append(
+            f"{policy}: links only the reference found {sorted(links - hops)[:3]}, only clebench found {sorted(hops - links)[:3]}"
+        )
+    if not infos and any(not layers.is_depthwise(model.get_submodule(second)) for _, second in links):
+        result.problems.append(f"{policy}: silent no-op, {len(links)} scalable links but no CLS set")
+    if not outcome.rel <= TOLERANCE:
+        result.problems.append(f"{policy}: BN fold + CLS changed the FP32 output by {outcome.rel:.2e} (> {TOLERANCE:g})")
+    _check_finite(result, model, policy)
+    return outcome
+
+
+def _check_finite(result: ZooResult, model: nn.Module, stage: str) -> None:
+    if not all_finite(model):
+        result.finite = False
+        result.problems.append(f"{stage}: a parameter or buffer is NaN/inf")
+
+
+def check(model: nn.Module, name: str, size: int) -> ZooResult:
+    """Run every check on `model` (left unchanged) with a 1x3x`size`x`size` input; errors are recorded, not raised."""
+    result = ZooResult(name, size)
+    start = time.perf_counter()
+    try:
+        result.bn_total = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        torch.manual_seed(1)
+        inputs = (torch.randn(1, 3, size, size),)
+        with torch.no_grad():
+            expected = _tensors(model(*inputs))
+        graph.trace(model)
+        result.traceable = True
+        result.keep = fold_and_scale(result, copy.deepcopy(model), inputs, expected, "keep")
+        result.clip = fold_and_scale(result, graph.prepare_model(model), inputs, expected, "clip")
+        equalized = graph.prepare_model(model)
+        equalize_model(equalized, relu6="clip")
+        with torch.no_grad():
+            result.rel_hbf = relative_change(_tensors(equalized(*inputs)), expected)
+        _check_finite(result, equalized, "hbf")
+        if math.isnan(result.rel_hbf):
+            result.problems.append("hbf: the output is NaN/inf")
+    except graph.UntraceableModelError as error:
+        result.error = str(error)
+    except Exception as error:  # the run must go on; an unexpected error is reported as a failure
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        result.error = f"{type(error).__name__}: {first_line}"
+        result.problems.append(f"unexpected {result.error}")
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def check_model(name: str) -> ZooResult:
+    """`check` on torchvision model `name` with random weights and randomized BN statistics."""
+    start = time.perf_counter()
+    model = build(name)
+    result = check(model, name, input_size(name))
+    result.seconds = time.perf_counter() - start  # building the model included
+    return result
+
+
+def _number(value: float) -> str:
+    return "-" if value != value else f"{value:.1e}"
+
+
+def _pair(value: tuple[int, int]) -> str:
+    return f"{value[0]}/{value[1]}"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as file:
+            return next(line.split(":", 1)[1].strip() for line in file if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def render(results: list[ZooResult], command: str, threads: int, finished: bool) -> str:
+    """The markdown report: header, summary, per-model table, problems and errors."""
+    failures = [r for r in results if r.status == "FAIL"]
+    untraceable = [r for r in results if r.status.startswith("untraceable")]
+    lines = [
+        "# CLE coverage of the torchvision classification zoo",
+        "",
+        f"Generated by `{command}` (scripts/zoo_coverage.py; do not edit by hand).",
+        f"{'Finished' if finished else 'In progress, written'} {datetime.datetime.now().isoformat(timespec='seconds')} on "
+        f"{_cpu_name()} ({os.cpu_count()} cores, {threads} torch thread(s)), "
+        f"Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}.",
+        "",
+        "Random weights (seed 0) with randomized BN statistics, eval mode, one 1x3xSxS input (S = max(64, the smallest input "
+        "the model's torchvision weights accept)). `rel` = max|y' - y| / max|y| against the untouched model.",
+        "",
+        "- **keep**: `fold_all_batch_norms` + `CrossLayerScaling.scale_model(relu6=\"keep\")`; **clip**: "
+        "`graph.prepare_model` + fold + `scale_model(relu6=\"clip\")`; both must keep rel <= 1e-4.",
+        "- **hbf**: `graph.prepare_model` + `equalize_model(relu6=\"clip\")` (BN fold + CLS + high-bias fold). HBF is exact only "
+        "where pre-activations stay above the absorbed bias and no zero padding meets it, so it has no bound here.",
+        "- **links ref/cle**: layer pairs CLS may scale, found by an independent eager op recorder / by clebench's fx graph "
+        "(they must be equal). **sets**: pairs/triples scaled. **BN**: folded/present (auxiliary heads, which eval mode "
+        "never runs, keep theirs).",
+        "",
+        f"**{len(results)} models: {len(results) - len(failures) - len(untraceable)} ok, {len(untraceable)} rejected with "
+        f"UntraceableModelError, {len(failures)} FAIL.**",
+        "",
+        "| model | S | traced | BN | rel fold | keep links ref/cle | keep sets | keep rel | clip links ref/cle | clip sets | "
+        "clip rel | hbf rel | finite | s | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.model} | {r.input_size} | {'yes' if r.traceable else 'no'} | {r.keep.bn_folds}/{r.bn_total} | "
+            f"{_number(r.keep.rel_fold)} | {_pair(r.keep.links)} | {_pair(r.keep.sets)} | {_number(r.keep.rel)} | "
+            f"{_pair(r.clip.links)} | {_pair(r.clip.sets)} | {_number(r.clip.rel)} | {_number(r.rel_hbf)} | "
+            f"{'yes' if r.finite else 'NO'} | {r.seconds:.1f} | {r.status} |"
+        )
+    if failures:
+        lines += ["", "## Problems", ""] + [f"- {r.model}: {'; '.join(r.problems)}" for r in failures]
+    if untraceable:
+        lines += ["", "## Untraceable models (the error users see)", ""] + [f"- {r.model}: {r.error}" for r in untraceable]
+    return "\n".join(lines) + "\n"
+
+
+def select(patterns: list[str] | None) -> list[str]:
+    """Model names matching any regex in `patterns` (all models if None); a pattern matching nothing is an error."""
+    names = torchvision.models.list_models(module=torchvision.models)
+    if not patterns:
+        return names
+    for pattern in patterns:
+        if not any(re.fullmatch(pattern, n) for n in names):
+            choices = ", ".join(names)
+            raise UserError(f"--models {pattern!r} matches no torchvision classification model; choose from: {choices}")
+    return [n for n in names if any(re.fullmatch(p, n) for p in patterns)]

@@ -1,0 +1,42 @@
+"""The peer benchmarks: one script each, sharing scripts/_peers.py, merging their sections into one results table."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ("cle_time", "agreement", "simulation", "sweep")
+
+
+def test_one_script_per_benchmark_and_no_self_reinvoking_runner():
+    assert sorted(p.name for p in (ROOT / "scripts").glob("bench_peers*.py")) == sorted(
+        f"bench_peers_{name}.py" for name in SCRIPTS)
+    for name in SCRIPTS:
+        text = (ROOT / "scripts" / f"bench_peers_{name}.py").read_text()
+        assert "argparse.SUPPRESS" not in text and "sys.path" not in text
+
+
+@pytest.mark.slow
+def test_cle_time_replaces_its_own_section_and_keeps_the_others(tmp_path, models_dir):
+    older = pd.DataFrame([
+        {"section": "sweep", "model": "m", "measure": "wall time", "tool": "clebench", "value": 1.5, "unit": "s",
+         "note": "", "machine": "x", "date": "d"},
+        {"section": "cle-time", "model": "stale", "measure": "first call", "tool": "clebench", "value": 9.0,
+         "unit": "ms", "note": "", "machine": "x", "date": "d"},
+    ])
+    older.to_csv(tmp_path / "peers.csv", index=False)
+    command = [sys.executable, "scripts/bench_peers_cle_time.py", "--models", "resnet18_cifar10", "--fresh-runs", "1",
+               "--repeats", "1", "--models-dir", str(models_dir), "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = pd.read_csv(tmp_path / "peers.csv", keep_default_na=False)
+    assert list(dict.fromkeys(rows["section"])) == ["cle-time", "sweep"]  # peers.md order, whatever ran last
+    measured = rows[rows["section"] == "cle-time"]
+    assert set(measured["model"]) == {"resnet18_cifar10"} and {"clebench", "torch.ao"} <= set(measured["tool"])
+    assert set(measured["measure"]) == {"first call", "repeated call"} and (measured["value"] > 0).all()
+    markdown = (tmp_path / "peers.md").read_text()
+    assert markdown.index("## cle-time") < markdown.index("## sweep") and "stale" not in markdown
