@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from clebench.errors import MissingExtraError, UserError
 from clebench import layers
 from clebench.activations import ChannelClippedReLU, functional_relu6_bound
+from clebench.errors import MissingExtraError, UserError
 from clebench.graph import TRANSPARENT_FUNCTIONS, TRANSPARENT_TYPES
 from clebench.quant.encoding import Encoding, bias_encoding
 from clebench.quant.sim import ADD_FUNCTIONS, ADD_METHODS, ActivationQuantizer, QuantSim

@@ -31,8 +31,8 @@ from torch import nn
 
 from clebench import graph, steps
 from clebench.config import load_config
+from clebench.execute import fingerprint
 from clebench.models import load_model
-from clebench.sweep import fingerprint
 
 SWEEP_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cifar10.toml"
 
