@@ -58,3 +58,12 @@ def models_dir() -> Path:
     if root is None:
         pytest.skip("CLEBENCH_MODELS is not set to the shared checkpoints directory")
     return root
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_image_cache(tmp_path_factory):
+    """Tests (and the CLI runs they start) write decoded images into a temporary cache, never the user's."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("CLEBENCH_CACHE", str(tmp_path_factory.mktemp("image-cache")))
+    yield
+    patch.undo()
