@@ -1,4 +1,4 @@
-"""Command line: `clebench sweep | report | ranges | check` (also `python -m clebench ...`)."""
+"""Command line: `clebench sweep | report | ranges | check | cache` (also `python -m clebench ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   clebench report runs/cifar10_ci
   clebench ranges mobilenet_v2_cifar10 --steps bn_fold+cls_relu6_clip --plot ranges.png
   clebench check runs/cifar10_ci --baseline results/cifar10_ci/baseline.json --tolerance 0.5
+  clebench cache ls
 """
 
 
@@ -81,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--baseline", type=Path, required=True, help="baseline JSON file")
     check.add_argument("--tolerance", type=non_negative_float, default=0.5, help="allowed top-1 drop in points (default: 0.5)")
     check.add_argument("--write-baseline", action="store_true", help="write the baseline from the results instead of checking")
+
+    cache = commands.add_parser("cache", help="list or delete the decoded-image cache",
+                                description="The decoded images load_images keeps on disk, one entry per data set "
+                                "split, file list and resize/crop (default folder: $CLEBENCH_CACHE, else "
+                                "~/.cache/clebench).")
+    cache.add_argument("action", choices=["ls", "clear"], help="ls: list the entries; clear: delete them all")
+    cache.add_argument("--cache-dir", type=Path, help="the cache folder (default: $CLEBENCH_CACHE or ~/.cache/clebench)")
     return parser
 
 
@@ -152,7 +160,23 @@ def run_check(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
-COMMANDS = {"sweep": run_sweep, "report": run_report, "ranges": run_ranges, "check": run_check}
+def run_cache(args: argparse.Namespace) -> int:
+    from clebench import image_cache
+
+    root = image_cache.cache_dir(args.cache_dir)
+    if args.action == "clear":
+        count, freed = image_cache.clear(root)
+        print(f"deleted {count} entries ({freed / 1e9:.2f} GB) from {root}")
+        return 0
+    entries = image_cache.list_entries(root)
+    for entry in entries:
+        print(f"{entry['name']}  {entry['images']} images  {entry['bytes'] / 1e9:.2f} GB  {entry['created']}  "
+              f"{entry['origin']}")
+    print(f"{len(entries)} entries, {sum(e['bytes'] for e in entries) / 1e9:.2f} GB in {root}")
+    return 0
+
+
+COMMANDS = {"sweep": run_sweep, "report": run_report, "ranges": run_ranges, "check": run_check, "cache": run_cache}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """Decoding image files into one uint8 [N, 3, crop, crop] array file, in parallel, pixel for pixel as PIL does.
 
 Each image is decoded with PIL, converted to RGB, resized (shorter side, antialiased, through torchvision's PIL
-path) and center-cropped, then written straight into a memory-mapped ``.npy`` file: no torch op runs per image.
+path) and center-cropped into a numpy buffer, and each chunk of images is written into the ``.npy`` file with one
+write: no torch op runs per image.
 Torch ops inside a thread pool were what capped the old decoder (their intra-op threads multiply with the pool's,
 and they hold the GIL); PIL releases the GIL while it decodes and resizes, so threads scale on a few cores and a
 process pool (each worker writing its rows of the same file) scales past the GIL on many.
@@ -67,25 +68,27 @@ def decode_image(open_image: Opener, preprocessing: Preprocessing) -> tuple[np.n
     return cropped.transpose(2, 0, 1), converted, ""
 
 
-def _fill(out: np.ndarray, rows: Sequence[int], openers: Sequence[Opener], preprocessing: Preprocessing) -> Decoded:
-    """Decode ``openers`` into ``out[rows]``; failed rows are left as they are."""
+def _decode_chunk(target: str, offset: int, first_row: int, openers: Sequence[Opener],
+                  preprocessing: Preprocessing) -> Decoded:
+    """Decode ``openers`` into rows ``first_row, first_row + 1, ...`` of the ``.npy`` file ``target``.
+
+    offset: byte offset of row 0 in the file. The chunk is decoded into a small buffer and written with one write
+    (twice as fast as writing image by image through a memory map); failed rows are written as zeros.
+    """
+    crop = preprocessing.crop
+    buffer = np.zeros((len(openers), 3, crop, crop), dtype=np.uint8)
     found = Decoded()
-    for row, open_image in zip(rows, openers):
+    for k, open_image in enumerate(openers):
         image, converted, error = decode_image(open_image, preprocessing)
         if error:
-            found.errors[row] = error
+            found.errors[first_row + k] = error
             continue
-        out[row] = image
+        buffer[k] = image
         if converted:
-            found.converted.append(row)
-    return found
-
-
-def _fill_file(target: str, rows: Sequence[int], paths: Sequence[str], preprocessing: Preprocessing) -> Decoded:
-    """A process-pool task: open the shared ``.npy`` file and fill ``rows`` from the image files ``paths``."""
-    out = np.load(target, mmap_mode="r+")
-    found = _fill(out, rows, [partial(Image.open, p) for p in paths], preprocessing)
-    out.flush()
+            found.converted.append(first_row + k)
+    with open(target, "r+b") as handle:
+        handle.seek(offset + first_row * buffer[0].nbytes)
+        handle.write(memoryview(buffer).cast("B"))
     return found
 
 
@@ -112,21 +115,19 @@ def decode_into(target: Path, count: int, preprocessing: Preprocessing, *, open_
     if processes and paths is None:
         raise ValueError("a process pool decodes image files: pass paths=")
     crop = preprocessing.crop
-    out = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(count, 3, crop, crop))
+    offset = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(count, 3, crop, crop)).offset
     found = Decoded()
-    chunks = [range(start, min(start + _CHUNK, count)) for start in range(0, count, _CHUNK)]
     with _executor(processes, workers) as pool, \
             tqdm(total=count, desc=desc, unit="img", disable=not progress) as bar:
-        if processes:
-            futures = {pool.submit(_fill_file, str(target), list(rows), [str(paths[i]) for i in rows], preprocessing):
-                       len(rows) for rows in chunks}
-        else:
-            futures = {pool.submit(_fill, out, rows, [partial(open_image, i) for i in rows], preprocessing): len(rows)
-                       for rows in chunks}
+        futures = {}
+        for start in range(0, count, _CHUNK):
+            rows = range(start, min(start + _CHUNK, count))
+            # Processes get picklable openers (file paths); threads can share the caller's opener.
+            openers = [partial(Image.open, str(paths[i])) for i in rows] if processes else \
+                [partial(open_image, i) for i in rows]
+            futures[pool.submit(_decode_chunk, str(target), offset, start, openers, preprocessing)] = len(rows)
         for future in as_completed(futures):
             found.update(future.result())
             bar.update(futures[future])
-    out.flush()
-    del out
     found.converted.sort()
     return found

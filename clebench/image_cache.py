@@ -95,7 +95,7 @@ def open_entry(path: Path) -> CacheEntry | None:
     """The entry at ``path`` (None if there is none); CacheError if a source file changed or the entry is damaged."""
     try:
         index = json.loads((path / INDEX).read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, ValueError) as err:
         raise CacheError(f"its index is unreadable ({err})") from None
