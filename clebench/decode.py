@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ _CHUNK = 64
 _MIN_IMAGES_FOR_PROCESSES = 2_000
 
 Opener = Callable[[], Image.Image]
+_local = threading.local()
 
 
 @dataclass
@@ -59,7 +61,7 @@ def decode_image(open_image: Opener, preprocessing: Preprocessing) -> tuple[np.n
         with open_image() as image:
             image.load()
             converted = image.mode != "RGB"
-            rgb = image.convert("RGB")
+            rgb = image.convert("RGB") if converted else image  # convert() would copy an RGB image
     except (OSError, SyntaxError, Image.DecompressionBombError) as err:  # PIL's errors for broken files
         return None, False, f"{type(err).__name__}: {err}"
     if preprocessing.resize is not None:
@@ -75,13 +77,13 @@ def _decode_chunk(target: str, offset: int, first_row: int, openers: Sequence[Op
     offset: byte offset of row 0 in the file. The chunk is decoded into a small buffer and written with one write
     (twice as fast as writing image by image through a memory map); failed rows are written as zeros.
     """
-    crop = preprocessing.crop
-    buffer = np.zeros((len(openers), 3, crop, crop), dtype=np.uint8)
+    buffer = _buffer(len(openers), preprocessing.crop)
     found = Decoded()
     for k, open_image in enumerate(openers):
         image, converted, error = decode_image(open_image, preprocessing)
         if error:
             found.errors[first_row + k] = error
+            buffer[k] = 0
             continue
         buffer[k] = image
         if converted:
@@ -90,6 +92,14 @@ def _decode_chunk(target: str, offset: int, first_row: int, openers: Sequence[Op
         handle.seek(offset + first_row * buffer[0].nbytes)
         handle.write(memoryview(buffer).cast("B"))
     return found
+
+
+def _buffer(count: int, crop: int) -> np.ndarray:
+    """This thread's chunk buffer, uint8 [count, 3, crop, crop], reused: allocating one per chunk costs page faults."""
+    shape = (max(count, _CHUNK), 3, crop, crop)
+    if getattr(_local, "buffer", None) is None or _local.buffer.shape != shape:
+        _local.buffer = np.empty(shape, dtype=np.uint8)
+    return _local.buffer[:count]
 
 
 def _executor(processes: bool, workers: int) -> Executor:

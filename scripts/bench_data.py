@@ -212,15 +212,20 @@ def main() -> None:
     parser.add_argument("--eval-limit", type=int, default=1000, help="images for the evaluation timing")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cache-dir", type=Path, help="image cache folder (default: a temporary one); give an "
+                        "empty folder, the cold load must decode")
+    parser.add_argument("--keep", type=Path, help="build the replica / full-size copy here and keep it")
     args = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="clebench-bench-data-"))
+    copies = args.keep or scratch
+    cache_dir = args.cache_dir or scratch / "cache"
     try:
         folder = args.data.resolve()
         if args.full_size:
-            folder = full_size(folder, scratch / "full" / folder.name)
+            folder = full_size(folder, copies / "full" / folder.name)
         if args.replicate:
-            folder = replicate(folder, args.replicate, scratch / "replica" / folder.name)
+            folder = replicate(folder, args.replicate, copies / "replica" / folder.name)
         paths = files_of(folder)
         for path in paths[:args.decode_images]:
             path.read_bytes()  # page cache warm, as in a sweep's second pass over the files
@@ -229,13 +234,13 @@ def main() -> None:
         print(f"\ndecoding {min(len(paths), args.decode_images)} images (img/s, and against `old`):")
         for name, rate in rates.items():
             print(f"  {name:12s} {rate:8.0f}  {rate / rates['old']:5.2f}x")
-        cache = bench_cache(folder, scratch / "cache")
+        cache = bench_cache(folder, cache_dir)
         print(f"\nload_images of all {cache['images']} images: cold {cache['cold_s']:.1f} s "
               f"({cache['cold_img_per_s']:.0f} img/s, peak RssAnon {cache['cold_peak_anon_gb']:.2f} GB); cache hit "
               f"{cache['hit_s']:.2f} s; hit + streaming every batch: peak RssAnon "
               f"{cache['hit_and_stream_peak_anon_gb']:.2f} GB")
         if args.eval:
-            throughput = bench_eval(args.eval, folder, scratch / "cache", args.eval_limit, args.batch_size,
+            throughput = bench_eval(args.eval, folder, cache_dir, args.eval_limit, args.batch_size,
                                     torch.device(args.device), args.repeat)
             bare = throughput["bare loop (device-resident)"]
             print(f"\n{args.eval} FP32 on {args.device}, {args.eval_limit} images, batch {args.batch_size} (img/s):")
