@@ -19,6 +19,7 @@ import clebench.data
 from clebench import image_cache
 from clebench.cli import main
 from clebench.data import batches, load_images, to_device
+from clebench.decode import decode_into
 from clebench.models import Preprocessing
 from clebench.precision import PRECISION_POLICY, device_info, fp32_precision
 from clebench.sweep import TIMING_COLUMNS
@@ -92,6 +93,22 @@ def test_shared_imagenet_sample_cached_equals_pil_reference(data_root, tmp_path)
     for row, file in enumerate(cached.files):
         with Image.open(data_root / "imagenet-sample" / file) as image:
             assert torch.equal(cached.images[row], reference(image.convert("RGB")))
+
+
+def test_process_pool_and_threads_decode_identical_rows(folder, tmp_path):
+    broken = folder / "split" / WNIDS[0] / "1.png"
+    broken.write_bytes(broken.read_bytes()[:40])
+    paths = sorted((folder / "split").glob("*/*.png"))
+    results = []
+    for processes in (False, True):
+        target = tmp_path / f"{processes}.npy"
+        found = decode_into(target, len(paths), PREP, open_image=lambda i: Image.open(paths[i]), paths=paths,
+                            workers=2, processes=processes, progress=False)
+        results.append((np.load(target), found.converted, sorted(found.errors)))
+    assert np.array_equal(results[0][0], results[1][0]) and results[0][1:] == results[1][1:] == ([5], [1])
+    assert not results[0][0][1].any()  # the broken file's row is zero
+    with pytest.raises(ValueError, match="paths="):
+        decode_into(tmp_path / "x.npy", 1, PREP, open_image=lambda i: Image.open(paths[i]), processes=True)
 
 
 def test_mean_and_std_are_not_part_of_the_key(folder, tmp_path):
