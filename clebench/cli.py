@@ -1,4 +1,4 @@
-"""Command line: `clebench sweep | report | ranges | check | export` (also `python -m clebench ...`)."""
+"""Command line: `clebench sweep | report | ranges | check | export | cache` (also `python -m clebench ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +20,7 @@ EXAMPLES = """examples:
   clebench ranges mobilenet_v2_cifar10 --steps bn_fold+cls_relu6_clip --plot ranges.png
   clebench check runs/cifar10_ci --baseline results/cifar10_ci/baseline.json --tolerance 0.5
   clebench export mobilenet_v2_cifar10 --steps bn_fold+cls_relu6_clip+hbf --quant w8a8_per_tensor_minmax --out m.onnx
+  clebench cache ls
 """
 
 
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--models", nargs="+", metavar="NAME", help="run only these of the config's models")
     sweep.add_argument("--out", type=Path, help="results folder (default: runs/<config name>); re-running resumes it")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sweep.add_argument("--no-cache", action="store_true",
+                       help="decode the images for this run only, without the on-disk image cache ($CLEBENCH_CACHE)")
     sweep.add_argument("--engine", choices=["torch", "onnxruntime"],
                        help="simulation engine for quantized rows (default: the config's [eval] engine, else torch); "
                        "onnxruntime runs the exported QDQ model on Runtime's float kernels (CPU, needs the onnx extra)")
@@ -124,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--data-root", help="folder holding the data sets (default: $CLEBENCH_DATA)")
     export.add_argument("--models-dir", help="folder holding <model>.pt checkpoints (default: $CLEBENCH_MODELS)")
     export.add_argument("--checkpoint", help="a checkpoint file for the model")
+
+    cache = commands.add_parser("cache", help="list or delete the decoded-image cache",
+                                description="The decoded images load_images keeps on disk, one entry per data set "
+                                "split, file list and resize/crop (default folder: $CLEBENCH_CACHE, else "
+                                "~/.cache/clebench).")
+    cache.add_argument("action", choices=["ls", "clear"], help="ls: list the entries; clear: delete them all")
+    cache.add_argument("--cache-dir", type=Path, help="the cache folder (default: $CLEBENCH_CACHE or ~/.cache/clebench)")
     return parser
 
 
@@ -162,7 +172,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / args.config.stem
     command = "clebench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     outcome = run_sweep(config, out, data_root=args.data_root, models_dir=args.models_dir, device=args.device,
-                        progress=not args.no_progress, command=command)
+                        progress=not args.no_progress, command=command, cache=not args.no_cache)
     (out / "config.toml").write_text(args.config.read_text())
     written = write_report(out)
     print(f"{len(outcome.table)} rows in {out / 'results.csv'} ({outcome.wall_seconds:.0f} s); "
@@ -219,7 +229,22 @@ def run_check(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
-COMMANDS = {"sweep": run_sweep, "report": run_report, "ranges": run_ranges, "check": run_check, "export": run_export}
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    from clebench import image_cache
+
+    root = image_cache.cache_dir(args.cache_dir)
+    if args.action == "clear":
+        count, freed = image_cache.clear(root)
+        print(f"deleted {count} entries ({freed / 1e9:.2f} GB) from {root}")
+        return 0
+    entries = image_cache.list_entries(root)
+    for entry in entries:
+        print(f"{entry['name']}  {entry['images']} images  {entry['bytes'] / 1e9:.2f} GB  {entry['created']}  "
+              f"{entry['origin']}")
+    print(f"{len(entries)} entries, {sum(e['bytes'] for e in entries) / 1e9:.2f} GB in {root}")
+    return 0
 
 
 def is_user_error(error: BaseException) -> bool:
@@ -234,6 +259,8 @@ def is_user_error(error: BaseException) -> bool:
         return False
     innermost = traceback.extract_tb(error.__traceback__)[-1:]
     return bool(innermost) and Path(innermost[0].filename).resolve().is_relative_to(PACKAGE_DIR)
+COMMANDS = {"sweep": run_sweep, "report": run_report, "ranges": run_ranges, "check": run_check, "export": run_export,
+            "cache": run_cache}
 
 
 def main(argv: list[str] | None = None) -> int:

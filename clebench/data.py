@@ -1,7 +1,8 @@
-"""Image data sets decoded once into memory, with deterministic class-balanced subsets.
+"""Image data sets decoded once into a memory-mapped file, with deterministic class-balanced subsets.
 
 A sweep evaluates the same images many times, so ``load_images`` decodes, resizes and center-crops them once
-(PIL, in a thread pool) into one uint8 tensor [N, 3, H, W]; ``batches`` normalises slices of it on the fly.
+(``clebench.decode``) into one uint8 array [N, 3, H, W] in the on-disk image cache (``clebench.image_cache``),
+which later loads, in any process, map instead of decoding; ``batches`` normalises slices of it on the fly.
 
 Data sets (``list_datasets()``), found under a data root (argument, else env CLEBENCH_DATA):
 
@@ -16,27 +17,29 @@ Data sets (``list_datasets()``), found under a data root (argument, else env CLE
 * ``imagenette``: torchvision's Imagenette (10 ImageNet classes), splits "train" and "val" (alias "test"),
   labelled with ImageNet-1k indices; ``download=True`` fetches the 320 px version.
 """
+import contextlib
+import dataclasses
 import json
 import math
 import os
 import random
 import re
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
-import torchvision.transforms.functional as TF
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from tqdm import tqdm
 
+from clebench import image_cache
+from clebench.decode import decode_into
 from clebench.models import Preprocessing
 
-__all__ = ["ImageSet", "list_datasets", "data_root", "load_images", "batches", "balanced_subset"]
+__all__ = ["ImageSet", "list_datasets", "data_root", "load_images", "to_device", "batches", "balanced_subset"]
 
 _DATASETS = ("cifar10", "cifar100", "imagenet", "imagenette")
 _CIFAR = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}
@@ -52,15 +55,16 @@ _IMAGENETTE_WNID_TO_IDX = {
 }
 _IMAGENETTE_FOLDERS = ("imagenette2", "imagenette2-320", "imagenette2-160")
 _MAX_LISTED = 5
+_RESIDENT_CHUNK = 1024  # images per copy when moving a set to the GPU
 
 WnidMap = str | os.PathLike | Mapping[str, int]  # a JSON file ({wnid: index} or {"wnid_to_idx": {...}}) or a dict
 
 
 @dataclass
 class ImageSet:
-    """Decoded images held in memory, in class order, then file order within a class."""
+    """Decoded images, in class order, then file order within a class."""
 
-    images: torch.Tensor  # uint8 [N, 3, H, W], resized and center-cropped, not normalised
+    images: torch.Tensor  # uint8 [N, 3, H, W], resized and center-cropped, not normalised; maps a file (or on a GPU)
     labels: torch.Tensor  # int64 [N], in the label space of `label_space`
     files: list[str]  # N relative paths (ImageFolder) or "<batch folder>[<index>]" (binary CIFAR)
     name: str  # e.g. "cifar10/test"
@@ -81,6 +85,18 @@ class _Source:
     files: list[str]
     labels: list[int]
     open_image: Callable[[int], Image.Image]
+    origin: Path  # the folder the files are in (ImageFolder) or the binary release's folder
+    in_folder: bool  # files are paths relative to origin (else items of the binary release's files)
+
+    def paths(self, indices: Sequence[int]) -> list[Path] | None:
+        """Files of ``indices`` (None for a binary release)."""
+        return [self.origin / self.files[i] for i in indices] if self.in_folder else None
+
+    def stat_names(self, indices: Sequence[int]) -> list[str]:
+        """Files, relative to origin, whose size and modification time the decoded ``indices`` depend on."""
+        if self.in_folder:
+            return [self.files[i] for i in indices]
+        return sorted(p.name for p in self.origin.iterdir() if p.is_file())
 
 
 def list_datasets() -> list[str]:
@@ -165,7 +181,8 @@ def _folder_source(folder: Path, name: str, label_space: str, class_to_label: Ma
         entries.extend((label, f"{class_folder.name}/{f}") for f in _image_files(class_folder))
     entries.sort()
     files = [f for _, f in entries]
-    return _Source(name, label_space, files, [label for label, _ in entries], lambda i: Image.open(folder / files[i]))
+    return _Source(name, label_space, files, [label for label, _ in entries], lambda i: Image.open(folder / files[i]),
+                   folder.resolve(), in_folder=True)
 
 
 def _cifar_source(dataset: str, split: str, root: Path, download: bool) -> _Source:
@@ -193,7 +210,7 @@ def _cifar_source(dataset: str, split: str, root: Path, download: bool) -> _Sour
     order = sorted(range(len(data.targets)), key=lambda i: (data.targets[i], i))
     files = [f"{dataset_class.base_folder}[{i}]" for i in order]
     return _Source(name, dataset, files, [data.targets[i] for i in order],
-                   lambda k: Image.fromarray(data.data[order[k]]))
+                   lambda k: Image.fromarray(data.data[order[k]]), binary.resolve(), in_folder=False)
 
 
 def _split(dataset: str, split: str, aliases: Mapping[str, str]) -> str:
@@ -271,52 +288,74 @@ def _imagenette_source(split: str, root: Path, download: bool, wnid_to_idx: Wnid
     return _folder_source(folder, f"imagenette/{split}", "imagenet", labels)
 
 
-def _preprocess(image: Image.Image, preprocessing: Preprocessing) -> torch.Tensor:
-    """RGB PIL image -> uint8 [3, crop, crop]: shorter side resized (antialiased), then center-cropped."""
-    if preprocessing.resize is not None:
-        image = TF.resize(image, preprocessing.resize, interpolation=InterpolationMode(preprocessing.interpolation))
-    return TF.pil_to_tensor(TF.center_crop(image, preprocessing.crop))
+def _decode_to_file(source: _Source, indices: list[int], preprocessing: Preprocessing, progress: bool,
+                    target: Path) -> dict:
+    """Decode ``indices`` of ``source`` into the ``.npy`` file ``target``, leaving out undecodable files.
 
-
-def _decode(source: _Source, index: int, preprocessing: Preprocessing) -> tuple[torch.Tensor | None, bool, str]:
-    """(image, was it converted from a non-RGB mode, error message or "") for one file."""
-    try:
-        with source.open_image(index) as image:
-            image.load()
-            converted = image.mode != "RGB"
-            rgb = image.convert("RGB")
-    except (OSError, SyntaxError, Image.DecompressionBombError) as err:  # PIL's errors for broken files
-        return None, False, f"{type(err).__name__}: {err}"
-    return _preprocess(rgb, preprocessing), converted, ""
-
-
-def _decode_all(source: _Source, indices: list[int], preprocessing: Preprocessing,
-                progress: bool) -> tuple[torch.Tensor, list[str], dict[int, str]]:
-    """Decode ``indices`` of ``source`` into uint8 [len(indices), 3, crop, crop], in order.
-
-    Also returns the files converted to RGB and {row: "file (error)"} for undecodable files (rows left empty).
+    Returns the index fields of what it wrote: "files" and "labels" of the rows, "converted" (files decoded from
+    a non-RGB mode) and "skipped" {file: error}.
     """
-    images = torch.empty((len(indices), 3, preprocessing.crop, preprocessing.crop), dtype=torch.uint8)
-    converted, errors = [], {}
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool, \
-            tqdm(total=len(indices), desc=f"decoding {source.name}", unit="img", disable=not progress) as bar:
-        results = pool.map(lambda i: _decode(source, i, preprocessing), indices)
-        for row, (index, (image, was_converted, error)) in enumerate(zip(indices, results)):
-            if error:
-                errors[row] = f"{source.files[index]} ({error})"
-            else:
-                images[row] = image
-                if was_converted:
-                    converted.append(source.files[index])
-            bar.update()
-    return images, converted, errors
+    found = decode_into(target, len(indices), preprocessing, open_image=lambda row: source.open_image(indices[row]),
+                        paths=source.paths(indices), desc=f"decoding {source.name}", progress=progress)
+    keep = [row for row in range(len(indices)) if row not in found.errors]
+    if found.errors:
+        _compact(target, keep)
+    return {
+        "files": [source.files[indices[row]] for row in keep],
+        "labels": [source.labels[indices[row]] for row in keep],
+        "converted": [source.files[indices[row]] for row in found.converted],
+        "skipped": {source.files[indices[row]]: error for row, error in sorted(found.errors.items())},
+    }
+
+
+def _compact(target: Path, keep: list[int], chunk: int = 1024) -> None:
+    """Rewrite the ``.npy`` file ``target`` with only rows ``keep``, a chunk at a time."""
+    full = target.with_name(f"{target.stem}-full.npy")
+    target.rename(full)
+    source = np.load(full, mmap_mode="r")
+    out = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(len(keep), *source.shape[1:]))
+    for start in range(0, len(keep), chunk):
+        out[start:start + chunk] = source[keep[start:start + chunk]]
+    out.flush()
+    del out, source
+    full.unlink()
+
+
+def _decode_uncached(source: _Source, indices: list[int], preprocessing: Preprocessing,
+                     progress: bool) -> tuple[np.ndarray, dict]:
+    """Decode into a temporary file that is deleted once mapped: the images stay out of anonymous memory."""
+    handle, name = tempfile.mkstemp(prefix="clebench-images-", suffix=".npy")
+    os.close(handle)
+    try:
+        fields = _decode_to_file(source, indices, preprocessing, progress, Path(name))
+        return np.load(name, mmap_mode="c"), fields
+    finally:
+        os.unlink(name)  # the mapping stays valid until the array is freed
+
+
+def _decode_cached(source: _Source, indices: list[int], preprocessing: Preprocessing, progress: bool,
+                   cache_dir: str | os.PathLike | None) -> tuple[np.ndarray, dict] | None:
+    """Map the cache entry of these images, building it first if needed; None (with a warning) if unwritable."""
+    root = image_cache.cache_dir(cache_dir)
+    files = [source.files[i] for i in indices]
+    name = image_cache.entry_name(source.name, str(source.origin), files, preprocessing)
+    index = {"name": source.name, "label_space": source.label_space, "origin": str(source.origin),
+             "stat_names": source.stat_names(indices), "preprocessing": dataclasses.asdict(preprocessing)}
+    try:
+        entry = image_cache.build_entry(
+            root, name, index, lambda target: _decode_to_file(source, indices, preprocessing, progress, target))
+    except OSError as err:
+        warnings.warn(f"cannot use the image cache folder {root} ({err}); decoding without the cache (set "
+                      "CLEBENCH_CACHE to a writable folder, or pass cache=False / --no-cache)", stacklevel=3)
+        return None
+    return entry.images, entry.index
 
 
 def load_images(dataset: str, split: str | os.PathLike, root: str | os.PathLike | None,
                 preprocessing: Preprocessing, *, limit: int | None = None, seed: int | None = None,
                 download: bool = False, skip_unreadable: bool = False, wnid_to_idx: WnidMap | None = None,
-                progress: bool = True) -> ImageSet:
-    """Decode a data set split (or a class-balanced subset of it) into memory.
+                progress: bool = True, cache: bool = True, cache_dir: str | os.PathLike | None = None) -> ImageSet:
+    """Decode a data set split (or a class-balanced subset of it), or map its decoded copy from the image cache.
 
     dataset, split: see the module docstring; root: data folder (None: env CLEBENCH_DATA).
     preprocessing: resize and crop applied now; its mean/std are applied later by ``batches``.
@@ -325,6 +364,10 @@ def load_images(dataset: str, split: str | os.PathLike, root: str | os.PathLike 
     download: let torchvision fetch cifar10 / cifar100 / imagenette when they are not under ``root``.
     skip_unreadable: leave undecodable files out (listed in ``ImageSet.skipped``) instead of raising.
     wnid_to_idx: wnid -> ImageNet-1k index (JSON file or dict) for imagenet / imagenette.
+    cache: map the decoded images from the on-disk cache (``clebench.image_cache``), decoding them into it first if
+        they are not there; False decodes into a temporary file instead. Either way ``images`` maps a file
+        (copy-on-write), so a large set stays out of anonymous memory. cache_dir: the cache folder (default: env
+        CLEBENCH_CACHE, else ~/.cache/clebench).
     """
     if dataset not in _DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(_DATASETS)}")
@@ -338,35 +381,54 @@ def load_images(dataset: str, split: str | os.PathLike, root: str | os.PathLike 
     else:
         source = _imagenette_source(split, root_path, download, wnid_to_idx)
     indices = list(range(len(source.files))) if limit is None else balanced_subset(source.labels, limit, seed)
-    images, converted, errors = _decode_all(source, indices, preprocessing, progress)
-    if errors and not skip_unreadable:
-        listed = "; ".join(list(errors.values())[:_MAX_LISTED])
+    decoded = _decode_cached(source, indices, preprocessing, progress, cache_dir) if cache else None
+    images, fields = decoded or _decode_uncached(source, indices, preprocessing, progress)
+    skipped = [f"{file} ({error})" for file, error in fields["skipped"].items()]
+    if skipped and not skip_unreadable:
         raise ValueError(
-            f"{len(errors)} of {len(indices)} images of {source.name} cannot be decoded: {listed}; fix or delete "
-            "them, or pass skip_unreadable=True to leave them out"
+            f"{len(skipped)} of {len(indices)} images of {source.name} cannot be decoded: "
+            f"{'; '.join(skipped[:_MAX_LISTED])}; fix or delete them, or pass skip_unreadable=True to leave them out"
         )
-    keep = [row for row in range(len(indices)) if row not in errors]
-    if errors:
-        warnings.warn(f"skipped {len(errors)} unreadable images of {source.name}: "
-                      f"{'; '.join(list(errors.values())[:_MAX_LISTED])}", stacklevel=2)
-        images = images[keep]
-    kept = [indices[row] for row in keep]
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} unreadable images of {source.name}: "
+                      f"{'; '.join(skipped[:_MAX_LISTED])}", stacklevel=2)
     return ImageSet(
-        images=images,
-        labels=torch.tensor([source.labels[i] for i in kept], dtype=torch.int64),
-        files=[source.files[i] for i in kept],
+        images=torch.from_numpy(images),  # shares the (copy-on-write) file mapping: nothing is copied
+        labels=torch.tensor(fields["labels"], dtype=torch.int64),
+        files=fields["files"],
         name=source.name,
         label_space=source.label_space,
-        converted=converted,
-        skipped=[source.files[indices[row]] for row in errors],
+        converted=fields["converted"],
+        skipped=list(fields["skipped"]),
     )
+
+
+def to_device(image_set: ImageSet, device: str | torch.device, *, max_fraction: float = 0.5) -> ImageSet:
+    """``image_set`` with its uint8 images and labels moved to ``device`` once, if they fit, else unchanged.
+
+    They fit on a CUDA device when they take at most ``max_fraction`` of its free memory; ``batches`` then slices
+    them on the device. A CPU device, or a set that does not fit, is returned as it is (``batches`` streams it from
+    the file mapping through pinned memory). Call it once per sweep, not per evaluation.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or image_set.images.device == device:
+        return image_set
+    free, _ = torch.cuda.mem_get_info(device)
+    if image_set.images.nbytes > max_fraction * free:
+        return image_set
+    images = torch.empty(image_set.images.shape, dtype=torch.uint8, device=device)
+    for start in range(0, len(images), _RESIDENT_CHUNK):  # through the file mapping, a chunk at a time
+        images[start:start + _RESIDENT_CHUNK].copy_(image_set.images[start:start + _RESIDENT_CHUNK])
+    return dataclasses.replace(image_set, images=images, labels=image_set.labels.to(device))
 
 
 def batches(image_set: ImageSet, batch_size: int, preprocessing: Preprocessing,
             device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(float32 [B, 3, H, W] normalised with preprocessing.mean/std, int64 labels [B]) on ``device``, in order.
 
-    Arguments are checked now, not at the first batch.
+    Images are normalised per batch on ``device``; they come from slices of ``image_set.images`` (the file
+    mapping, or the device after ``to_device``), or on CUDA from CPU images through two pinned buffers whose
+    copies overlap compute. Arguments are checked now, not at the first batch.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -376,14 +438,56 @@ def batches(image_set: ImageSet, batch_size: int, preprocessing: Preprocessing,
             f"{image_set.name} images are {height}x{width} but the preprocessing crops {preprocessing.crop}: "
             "load the images with the model's preprocessing"
         )
+    device = torch.device(device)
     mean = torch.tensor(preprocessing.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(preprocessing.std, device=device).view(1, 3, 1, 1)
-    return _normalised_batches(image_set, batch_size, mean, std, device)
+    staged = device.type == "cuda" and image_set.images.device.type == "cpu"
+    raw = (_staged(image_set.images, image_set.labels, batch_size, device) if staged
+           else _slices(image_set.images, image_set.labels, batch_size, device))
+    return ((images.float().div_(255).sub_(mean).div_(std), labels) for images, labels in raw)
 
 
-def _normalised_batches(image_set: ImageSet, batch_size: int, mean: torch.Tensor, std: torch.Tensor,
-                        device: str | torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for start in range(0, len(image_set.images), batch_size):
-        images = image_set.images[start:start + batch_size].to(device, non_blocking=True)
-        labels = image_set.labels[start:start + batch_size].to(device, non_blocking=True)
-        yield images.float().div_(255).sub_(mean).div_(std), labels
+def _slices(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+            device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for start in range(0, len(images), batch_size):
+        yield images[start:start + batch_size].to(device), labels[start:start + batch_size].to(device)
+
+
+def _staged(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+            device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of CPU ``images`` copied to ``device`` through two buffers, batch k+1 staged before k is yielded.
+
+    On CUDA the buffers are pinned and the host-to-device copy runs on a side stream, so it overlaps the compute
+    on batch k; an event per buffer keeps a buffer from being refilled before its copy finished. Elsewhere the
+    same double buffering runs with plain copies (which is what the CPU tests exercise).
+    """
+    cuda = device.type == "cuda"
+    stream = torch.cuda.Stream(device) if cuda else None
+    buffers = [torch.empty((batch_size, *images.shape[1:]), dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
+    copied: list = [None, None]  # per buffer: the event marking its last copy to the device
+    labels = labels.to(device)
+    starts = range(0, len(images), batch_size)
+
+    def stage(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start, slot = starts[k], k % 2
+        count = min(batch_size, len(images) - start)
+        if copied[slot] is not None:
+            copied[slot].synchronize()
+        buffer = buffers[slot][:count]
+        buffer.copy_(images[start:start + count])
+        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+            on_device = buffer.to(device, non_blocking=cuda, copy=True)
+        if cuda:
+            copied[slot] = torch.cuda.Event()
+            copied[slot].record(stream)
+        return on_device, labels[start:start + count]
+
+    pending = stage(0) if starts else None
+    for k in range(len(starts)):
+        batch, batch_labels = pending
+        if cuda:
+            torch.cuda.current_stream(device).wait_event(copied[k % 2])
+            batch.record_stream(torch.cuda.current_stream(device))
+        if k + 1 < len(starts):
+            pending = stage(k + 1)
+        yield batch, batch_labels

@@ -51,25 +51,29 @@ def _channels_last_copy(model: nn.Module) -> nn.Module:
 
 def accuracy(forward: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, *, progress: bool = True,
              desc: str | None = None) -> dict:
-    """evaluate()'s dict for any `forward(inputs [B, ...]) -> logits [B, classes]` (a torch model, an ONNX session)."""
-    correct = dict.fromkeys(TOP_K, 0)
-    seen = 0
-    predictions = []
+    """evaluate()'s dict for any `forward(inputs [B, ...]) -> logits [B, classes]` (a torch model, an ONNX session).
+
+    The top-5 classes and labels of every batch stay where the logits are and are counted once at the end, so a GPU
+    evaluation does not wait for the host after each batch.
+    """
+    rankings, all_labels = [], []
+    classes = None
     for batch in tqdm(loader, desc=desc or "evaluating", unit="batch", disable=not progress):
         inputs, labels = _split(batch)
         logits = forward(inputs)
-        labels = labels.to(logits.device)
-        _check(logits, labels)
-        ranked = logits.topk(min(max(TOP_K), logits.shape[1]), dim=1).indices
-        hits = ranked == labels.view(-1, 1)
-        for k in TOP_K:
-            correct[k] += int(hits[:, :k].any(dim=1).sum())
-        predictions.append(ranked[:, 0].cpu())
-        seen += len(labels)
-    if not seen:
+        _check_shapes(logits, labels)
+        classes = logits.shape[1]
+        rankings.append(logits.topk(min(max(TOP_K), classes), dim=1).indices)
+        all_labels.append(labels.to(logits.device))
+    if not rankings:
         raise ValueError("the loader yielded no images: evaluate needs at least one (inputs, labels) batch")
+    ranked, labels = torch.cat(rankings), torch.cat(all_labels)
+    _check_labels(labels, classes)
+    hits = ranked == labels.view(-1, 1)
+    correct = {k: int(hits[:, :k].any(dim=1).sum()) for k in TOP_K}
+    seen = len(labels)
     return {"top1": 100.0 * correct[1] / seen, "top5": 100.0 * correct[5] / seen, "n": seen,
-            "predictions": torch.cat(predictions)}
+            "predictions": ranked[:, 0].cpu()}
 
 
 def _split(batch: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +83,7 @@ def _split(batch: object) -> tuple[torch.Tensor, torch.Tensor]:
     return batch[0], batch[1]
 
 
-def _check(logits: object, labels: torch.Tensor) -> None:
+def _check_shapes(logits: object, labels: torch.Tensor) -> None:
     if not torch.is_tensor(logits) or logits.dim() != 2:
         shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
         raise ValueError(f"the model must return logits of shape [batch, classes], got {shape}")
@@ -87,8 +91,11 @@ def _check(logits: object, labels: torch.Tensor) -> None:
         raise ValueError(
             f"labels must be integer class indices of shape [{len(logits)}], got {labels.dtype} {tuple(labels.shape)}"
         )
-    if len(labels) and (labels.min() < 0 or labels.max() >= logits.shape[1]):
+
+
+def _check_labels(labels: torch.Tensor, classes: int) -> None:
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
         raise ValueError(
-            f"labels range over [{int(labels.min())}, {int(labels.max())}] but the model has {logits.shape[1]} "
+            f"labels range over [{int(labels.min())}, {int(labels.max())}] but the model has {classes} "
             "classes: are the model and the data set's label spaces the same?"
         )

@@ -27,6 +27,7 @@ from clebench.config import FIRST_DEPTHWISE, ModelSpec, SweepConfig
 from clebench.evaluation import evaluate
 from clebench.models import Preprocessing, load_model, model_preprocessing
 from clebench.plan import WorkUnit, combination_of
+from clebench.precision import fp32_precision
 from clebench.quant import QuantConfig, QuantSim
 from clebench.results import RowKey, labels_name, prediction_name
 
@@ -41,6 +42,7 @@ class Settings:
     device: str = "cpu"
     progress: bool = True
     scratch: Path | None = None  # where exported ONNX models are kept (a folder every worker sees)
+    cache: bool = True  # decoded images through the on-disk image cache (clebench.image_cache)
 
 
 @dataclass
@@ -167,19 +169,21 @@ class Resources:
             config = self.settings.config
             self._images[key] = data.load_images(
                 config.data.dataset, split, self.settings.data_root, preprocessing, limit=limit, seed=config.data.seed,
-                download=config.data.download, progress=self.settings.progress,
+                download=config.data.download, progress=self.settings.progress, cache=self.settings.cache,
             )
+            self._images[key] = data.to_device(self._images[key], self.settings.device)
         return self._images[key]
 
 
 def execute_unit(unit: WorkUnit, settings: Settings, resources: Resources, memo: Memo) -> UnitResult:
     """Compute every row of `unit` and the range statistics of the FP32 prefixes it builds."""
     torch.manual_seed(0)
-    run = _UnitRun(unit, settings, resources.inputs(unit.model), memo)
-    for prefix in unit.prefixes:
-        run.build(prefix)
-    for key in unit.rows:
-        run.row(key)
+    with fp32_precision():
+        run = _UnitRun(unit, settings, resources.inputs(unit.model), memo)
+        for prefix in unit.prefixes:
+            run.build(prefix)
+        for key in unit.rows:
+            run.row(key)
     return run.result
 
 

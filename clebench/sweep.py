@@ -32,6 +32,7 @@ from clebench.config import SweepConfig
 from clebench.errors import UserError
 from clebench.execute import Memo, Resources, Settings, UnitResult, Work, execute_unit, fingerprint, peak_memory_mib
 from clebench.models import load_model, model_label_space
+from clebench.precision import device_info
 from clebench.record import Recorder
 
 SCRATCH_FOLDER = ".memo"  # work shared by Ray tasks and exported ONNX models; removed once every row is recorded
@@ -110,8 +111,10 @@ def range_order(config: SweepConfig, usable: dict[str, list[steps.Combination]])
 
 def run_sweep(config: SweepConfig, out: str | Path, *, data_root: str | Path | None = None,
               models_dir: str | Path | None = None, device: str = "cpu", progress: bool = True,
-              command: str | None = None) -> SweepOutcome:
+              command: str | None = None, cache: bool = True) -> SweepOutcome:
     """Fill every missing row of `config` in the results folder `out`; return the full table and this run's work.
+
+    cache: read decoded images through the on-disk image cache (False: decode into a temporary file).
 
     `config.execution` says where the units run: in this process (ray None) or as Ray tasks.
     """
@@ -123,7 +126,7 @@ def run_sweep(config: SweepConfig, out: str | Path, *, data_root: str | Path | N
                          "(deploy = [\"onnxruntime\"] still runs the int8 rows on the CPU)")
     settings = Settings(config, data.data_root(data_root).resolve(),
                         None if models_dir is None else Path(models_dir).resolve(), device,
-                        progress and execution.ray is None, (out / SCRATCH_FOLDER).resolve())
+                        progress and execution.ray is None, (out / SCRATCH_FOLDER).resolve(), cache)
     loaded, usable = check_models(config, settings.models_dir)
     meta = run_metadata(settings, command)
     columns = results.RESULT_COLUMNS + (results.DEPLOY_COLUMNS if config.eval.deploy else [])
@@ -164,16 +167,17 @@ def execute_locally(units: list[plan.WorkUnit], settings: Settings, resources: R
 def run_metadata(settings: Settings, command: str | None) -> dict:
     """What meta.json records about a run: the config and what could change its numbers."""
     device = torch.device(settings.device)
+    hardware = device_info(device)
     return {
         "config_hash": settings.config.hash,
         "config": settings.config.to_dict(),
         "command": command,
         "clebench_version": clebench.__version__,
-        "torch_version": torch.__version__,
         "machine": f"{platform.machine()} {platform.processor()} ({os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads)".strip(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "precision": "fp32, TF32 off" if device.type == "cuda" else "fp32",
+        "device_name": hardware.pop("device_name"),
+        "precision": hardware.pop("precision_policy"),
+        **hardware,
         "data_root": str(settings.data_root),
         **({"onnxruntime": _runtime_info()} if uses_onnxruntime(settings.config) else {}),
     }

@@ -78,6 +78,7 @@ def uninterrupted(config_file, tmp_path_factory) -> Path:
     assert result.returncode == 0, result.stderr
     return out
 
+
 class ClippedNet(nn.Module):
     """conv + ReLU, conv + per-channel clip, conv + ReLU6, a residual add, pooling, a linear layer."""
 
@@ -96,3 +97,11 @@ class ClippedNet(nn.Module):
         y = self.clip(self.conv2(self.relu(self.conv1(x))))
         y = self.relu6(self.conv3(y)) + y
         return self.fc(torch.flatten(self.pool(y), 1))
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_image_cache(tmp_path_factory):
+    """Tests (and the CLI runs they start) write decoded images into a temporary cache, never the user's."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("CLEBENCH_CACHE", str(tmp_path_factory.mktemp("image-cache")))
+    yield
+    patch.undo()

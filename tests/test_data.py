@@ -253,7 +253,7 @@ def test_shared_cifar10_balanced_subset(data_root):
 
 def test_shared_imagenet_subset_folder_gets_imagenet_indices(tmp_path, data_root):
     for wnid in WNIDS:
-        (tmp_path / wnid).symlink_to(data_root / "imagenet-sample" / wnid)
+        (tmp_path / wnid).symlink_to(data_root.resolve() / "imagenet-sample" / wnid)
     prep = Preprocessing(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3)
     images = load_images("imagenet", tmp_path, data_root, prep, progress=False)
     expected = json.loads((data_root / "imagenet_wnid_to_idx.json").read_text())["wnid_to_idx"]
