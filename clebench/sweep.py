@@ -176,7 +176,7 @@ def run_metadata(settings: Settings, command: str | None) -> dict:
         "machine": f"{platform.machine()} {platform.processor()} ({os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads)".strip(),
         "device": str(device),
         "device_name": hardware.pop("device_name"),
-        "precision": hardware.pop("precision_policy"),
+        "precision": hardware.pop("precision_policy") if device.type == "cuda" else "fp32",
         **hardware,
         "data_root": str(settings.data_root),
         **({"onnxruntime": _runtime_info()} if uses_onnxruntime(settings.config) else {}),
