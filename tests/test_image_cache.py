@@ -21,7 +21,7 @@ from clebench.data import batches, load_images, to_device
 from clebench.decode import decode_into
 from clebench.models import Preprocessing
 from clebench.precision import PRECISION_POLICY, device_info, fp32_precision
-from clebench.sweep import TIMING_COLUMNS
+from clebench.results import TIMING_COLUMNS
 
 WNIDS = ("n01440764", "n02102040")
 MAP = {"n01440764": 0, "n02102040": 217}
