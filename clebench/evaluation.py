@@ -76,6 +76,11 @@ def accuracy(forward: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, 
             "predictions": ranked[:, 0].cpu()}
 
 
+def agreement(first: dict, second: dict) -> float:
+    """% of images whose top-1 class is the same in two evaluations of the same images (evaluate()'s dicts)."""
+    return 100.0 * (first["predictions"] == second["predictions"]).double().mean().item()
+
+
 def _split(batch: object) -> tuple[torch.Tensor, torch.Tensor]:
     pair = isinstance(batch, (tuple, list)) and len(batch) >= 2
     if not (pair and torch.is_tensor(batch[0]) and torch.is_tensor(batch[1])):

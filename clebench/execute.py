@@ -24,7 +24,7 @@ from torch import nn
 from clebench import data, graph, ranges, steps
 from clebench.bias_correction import correct_bias
 from clebench.config import FIRST_DEPTHWISE, ModelSpec, SweepConfig
-from clebench.evaluation import evaluate
+from clebench.evaluation import agreement, evaluate
 from clebench.models import Preprocessing, load_model, model_preprocessing
 from clebench.plan import WorkUnit, combination_of
 from clebench.precision import fp32_precision
@@ -231,8 +231,7 @@ class _UnitRun:
         if "int8" in quant:
             int8 = quant["int8"]
             self.result.predictions[prediction_name(key, "int8")] = int8["predictions"].numpy()
-            agreement = 100.0 * (int8["predictions"] == quant["predictions"]).double().mean().item()
-            deployed = {"int8_top1": int8["top1"], "int8_top5": int8["top5"], "int8_agreement": agreement}
+            deployed = {"int8_top1": int8["top1"], "int8_top5": int8["top5"], "int8_agreement": agreement(int8, quant)}
         self.result.rows[key] = {
             **key._asdict(),
             "fp32_top1": fp32["top1"], "fp32_top5": fp32["top5"], "quant_top1": quant["top1"], "quant_top5": quant["top5"],

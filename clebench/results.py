@@ -107,8 +107,28 @@ def read_predictions(path: Path) -> dict[str, np.ndarray]:
 
 def write_predictions(arrays: Mapping[str, np.ndarray], path: Path) -> None:
     """int16 class indices, compressed (CIFAR-10 and ImageNet class indices fit in int16)."""
-    _replace_atomically(path, lambda tmp: np.savez_compressed(
-        tmp.open("wb"), **{name: np.asarray(values, dtype=np.int16) for name, values in arrays.items()}))
+
+    def write(temporary: Path) -> None:
+        with temporary.open("wb") as file:
+            np.savez_compressed(file, **{name: np.asarray(values, dtype=np.int16) for name, values in arrays.items()})
+
+    _replace_atomically(path, write)
+
+
+def row_differences(first: Path, second: Path) -> list[str]:
+    """How two results folders differ in their rows ([] when they hold the same): results.csv apart from
+    TIMING_COLUMNS, ranges.csv and channel_ranges.csv byte for byte, and the per-image predictions."""
+    found = []
+    tables = [pd.read_csv(folder / RESULTS_FILE).drop(columns=TIMING_COLUMNS).to_csv() for folder in (first, second)]
+    if tables[0] != tables[1]:
+        found.append(f"{RESULTS_FILE} differs (apart from {', '.join(TIMING_COLUMNS)})")
+    for name in (RANGES_FILE, CHANNEL_RANGES_FILE):
+        if (first / name).read_bytes() != (second / name).read_bytes():
+            found.append(f"{name} differs")
+    ours, theirs = (read_predictions(folder / PREDICTIONS_FILE) for folder in (first, second))
+    if ours.keys() != theirs.keys() or any((ours[k] != theirs[k]).any() for k in ours):
+        found.append(f"{PREDICTIONS_FILE} differs")
+    return found
 
 
 class FolderLock:

@@ -39,6 +39,7 @@ from torch import nn
 
 from clebench import utils
 from clebench.batch_norm_fold import fold_all_batch_norms
+from clebench.cli import positive_int  # the option type of every bench_peers script
 from clebench.data import ImageSet, batches, load_images
 from clebench.models import load_model, model_preprocessing
 from clebench.models.preprocessing import IMAGENET_PREPROCESSING, Preprocessing
@@ -348,13 +349,6 @@ def parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR,
                         help="folder of peers.csv / peers.md (default: results/bench in the repository)")
     return parser
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def run_section(section: str, measure: Callable[[argparse.Namespace, SimpleNamespace | None], SectionResult],

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from clebench.data import batches, load_images
-from clebench.evaluation import evaluate
+from clebench.evaluation import agreement, evaluate
 from clebench.export import export_onnx
 from clebench.models import model_preprocessing
 from clebench.onnxruntime_engine import evaluate_onnx, runtime_info
@@ -61,8 +61,7 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> list[str]
             best[engine] = min(best[engine], seconds)
     lines = []
     for engine in engines:
-        reference = results["torch FP32" if engine.startswith("torch FP32") else "torch sim"]["predictions"]
-        same = 100.0 * float((results[engine]["predictions"] == reference).double().mean())
+        same = agreement(results[engine], results["torch FP32" if engine.startswith("torch FP32") else "torch sim"])
         lines.append(f"| {name} | {engine} | {best[engine]:.2f} | {best['torch sim'] / best[engine]:.2f}x | "
                      f"{results[engine]['top1']:.2f} | {same:.2f} |")
     lines.append(f"| {name} | export (sim / int8 variant) | {export_seconds['sim']:.2f} / {export_seconds['int8']:.2f} "

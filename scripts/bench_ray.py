@@ -20,10 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 
-from clebench.results import TIMING_COLUMNS, read_json
+from clebench.results import read_json, row_differences
 
 VARIANTS = {  # name -> (extra CLI arguments, extra TOML)
     "in-process": ([], ""),
@@ -41,12 +40,6 @@ def run_variant(config: Path, limit: int | None, extra_args: list[str], extra_to
     subprocess.run(command, check=True, capture_output=True, text=True)
     work = read_json(out / "meta.json")["last_run_work"]
     return {"process_seconds": time.perf_counter() - started, **work}
-
-
-def same_rows(out: Path, reference: Path) -> bool:
-    results = [pd.read_csv(d / "results.csv").drop(columns=TIMING_COLUMNS).to_csv() for d in (out, reference)]
-    ranges = [(d / "ranges.csv").read_bytes() for d in (out, reference)]
-    return results[0] == results[1] and ranges[0] == ranges[1]
 
 
 def task_overhead(tasks: int = 50) -> tuple[float, float]:
@@ -117,7 +110,7 @@ def main() -> None:
             lines.append(
                 f"| {name} | {work['process_seconds']:.1f} | {work['process_seconds'] / reference:.2f} | {work['units']} "
                 f"| {work['fp32_evaluations']} | {work['calibrations']} | {work['quantized_evaluations']} "
-                f"| {'yes' if same_rows(outs[name], outs['in-process']) else 'NO'} |"
+                f"| {'NO' if row_differences(outs[name], outs['in-process']) else 'yes'} |"
             )
             print(lines[-1], flush=True)
     single, batched = task_overhead()

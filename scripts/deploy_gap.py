@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from clebench.data import batches, load_images
-from clebench.evaluation import evaluate
+from clebench.evaluation import agreement, evaluate
 from clebench.models import model_preprocessing
 from clebench.onnxruntime_engine import evaluate_quantized, runtime_info
 from clebench.prepare import calibrated_sim, prepare_fp32
@@ -26,10 +26,6 @@ ROWS = {
     "mobilenet_v2_cifar10": ["bn_fold", "bn_fold+cls_relu6_clip+hbf"],
 }
 QUANTS = ["w8a8_per_tensor_minmax", "w6a8_per_tensor_minmax", "w4a8_per_tensor_minmax"]
-
-
-def agreement(a: dict, b: dict) -> float:
-    return 100.0 * float((a["predictions"] == b["predictions"]).double().mean())
 
 
 def main() -> None:

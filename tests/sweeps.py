@@ -1,8 +1,11 @@
 """Helpers for the end-to-end sweep tests: a tiny config on the shared CIFAR-10 data and how to run it."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -28,6 +31,24 @@ def sweep_command(config: Path, out: Path, *extra: str) -> list[str]:
 
 def run_sweep(config: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(sweep_command(config, out, *extra), capture_output=True, text=True, timeout=600)
+
+
+def kill_after_rows(config: Path, out: Path, *extra: str, rows: int = 2) -> pd.DataFrame:
+    """Start a sweep, SIGKILL it and every process it started once `rows` rows are recorded; the rows it left.
+
+    Asserts that it was killed before it finished.
+    """
+    process = subprocess.Popen(sweep_command(config, out, *extra), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    results, deadline = out / "results.csv", time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if results.is_file() and len(pd.read_csv(results)) >= rows:
+            os.killpg(process.pid, signal.SIGKILL)  # the driver and anything it started (a local Ray)
+            break
+        time.sleep(0.05)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the sweep finished before it could be killed"
+    return pd.read_csv(results)
 
 
 def without_timing(path: Path) -> pd.DataFrame:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from clebench.evaluation import evaluate
+from clebench.evaluation import agreement, evaluate
 
 
 class FixedLogits(nn.Module):
@@ -53,3 +53,9 @@ def test_errors_are_clear():
         evaluate(model, [torch.tensor([0])], progress=False)
     with pytest.raises(ValueError, match="integer class indices"):
         evaluate(model, [(torch.tensor([0]), torch.tensor([0.0]))], progress=False)
+
+
+def test_agreement_is_the_percentage_of_equal_top1_classes():
+    first = {"predictions": torch.tensor([0, 1, 2, 3])}
+    assert agreement(first, {"predictions": torch.tensor([0, 1, 0, 3])}) == 75.0
+    assert agreement(first, first) == 100.0

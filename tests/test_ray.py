@@ -12,12 +12,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from clebench.results import KEY_COLUMNS, read_json, read_predictions
-from sweeps import run_sweep, sweep_command, without_timing
+from clebench.results import KEY_COLUMNS, read_json, row_differences
+from sweeps import kill_after_rows, run_sweep, sweep_command
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
-FILES = ("ranges.csv", "channel_ranges.csv")
 
 
 def task_processes() -> list[int]:
@@ -27,11 +26,7 @@ def task_processes() -> list[int]:
 
 
 def assert_same_rows(out: Path, reference: Path) -> None:
-    assert without_timing(out / "results.csv").to_csv() == without_timing(reference / "results.csv").to_csv()
-    for name in FILES:
-        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
-    ours, theirs = read_predictions(out / "predictions.npz"), read_predictions(reference / "predictions.npz")
-    assert ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)
+    assert row_differences(out, reference) == []
 
 
 def test_a_ray_sweep_with_a_killed_worker_writes_the_local_rows(config_file, uninterrupted, tmp_path):
@@ -58,17 +53,8 @@ def test_a_ray_sweep_with_a_killed_worker_writes_the_local_rows(config_file, uni
 
 def test_a_killed_ray_driver_resumes_without_recomputing_recorded_rows(config_file, uninterrupted, tmp_path):
     out = tmp_path / "killed"
-    process = subprocess.Popen(sweep_command(config_file, out, "--ray"), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    results, deadline = out / "results.csv", time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        if results.is_file() and len(pd.read_csv(results)) >= 2:
-            os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started
-            break
-        time.sleep(0.05)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the sweep finished before it could be killed"
-    partial = pd.read_csv(results)
+    results = out / "results.csv"
+    partial = kill_after_rows(config_file, out, "--ray")
     assert 2 <= len(partial) < 8
     resumed = run_sweep(config_file, out, "--ray")
     assert resumed.returncode == 0, resumed.stderr

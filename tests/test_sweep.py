@@ -2,13 +2,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import tomllib
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +26,7 @@ from clebench.results import (
     write_predictions,
 )
 from clebench.sweep import run_sweep as run_sweep_in_process
-from sweeps import CONFIG, run_sweep, sweep_command, without_timing
+from sweeps import CONFIG, kill_after_rows, run_sweep, without_timing
 
 
 @pytest.mark.slow
@@ -53,16 +48,8 @@ def test_sweep_writes_every_row_once_and_twice_is_byte_identical(config_file, un
 @pytest.mark.slow
 def test_sigkill_mid_sweep_then_rerun_gives_the_uninterrupted_rows(config_file, uninterrupted, tmp_path):
     out = tmp_path / "killed"
-    process = subprocess.Popen(sweep_command(config_file, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    results, deadline = out / "results.csv", time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        if results.is_file() and len(pd.read_csv(results)) >= 2:
-            os.kill(process.pid, signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the sweep finished before it could be killed"
-    partial = pd.read_csv(results)
+    results = out / "results.csv"
+    partial = kill_after_rows(config_file, out)
     assert 2 <= len(partial) < 8
     resumed = run_sweep(config_file, out)
     assert resumed.returncode == 0, resumed.stderr
