@@ -195,7 +195,8 @@ class _UnitRun:
         self.device = torch.device(settings.device)
         self.result = UnitResult(unit)
         self.states: dict[steps.Combination, tuple[steps.PipelineState, str]] = {}
-        self.result.predictions[labels_name(unit.model.name, settings.config.data.dataset)] = inputs.eval_set.labels.numpy()
+        labels = inputs.eval_set.labels.cpu().numpy()  # on the GPU when the images were moved there
+        self.result.predictions[labels_name(unit.model.name, settings.config.data.dataset)] = labels
 
     def build(self, prefix: steps.Combination) -> None:
         """The FP32 state after `prefix` (its parent is built already); a step that changes nothing shares it."""

@@ -124,6 +124,10 @@ def run_sweep(config: SweepConfig, out: str | Path, *, data_root: str | Path | N
     if config.eval.engine == "onnxruntime" and torch.device(device).type != "cpu":
         raise SweepError(f"the onnxruntime engine runs on the CPU, not {device}: use --engine torch on a GPU "
                          "(deploy = [\"onnxruntime\"] still runs the int8 rows on the CPU)")
+    if execution.ray is not None and torch.device(device).type == "cuda" and execution.gpus_per_task == 0:
+        raise SweepError(f"a Ray sweep on {device} must give its tasks a GPU: pass --gpus-per-task (1: a card per "
+                         "task; 0.25: four share one, 15 % slower in total than one task for MobileNetV2 on an H100) "
+                         "or set [execution] gpus_per_task")
     settings = Settings(config, data.data_root(data_root).resolve(),
                         None if models_dir is None else Path(models_dir).resolve(), device,
                         progress and execution.ray is None, (out / SCRATCH_FOLDER).resolve(), cache)

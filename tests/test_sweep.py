@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tomllib
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from clebench import layers
 from clebench.config import parse_config
@@ -25,7 +27,7 @@ from clebench.results import (
     write_json,
     write_predictions,
 )
-from clebench.sweep import run_sweep as run_sweep_in_process
+from clebench.sweep import SweepError, run_sweep as run_sweep_in_process
 from sweeps import CONFIG, kill_after_rows, run_sweep, without_timing
 
 
@@ -166,6 +168,25 @@ def test_check_passes_a_few_flipped_images_and_names_them(uninterrupted, tmp_pat
     assert "changed" in format_check(result)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_sweep_on_cuda_records_the_gpu_and_passes_the_cpu_baseline(uninterrupted, config_file, tmp_path):
+    out = tmp_path / "gpu"
+    result = run_sweep(config_file, out, "--device", "cuda")
+    assert result.returncode == 0, result.stderr
+    meta = read_json(out / "meta.json")
+    assert meta["device"] == "cuda" and "TF32 off" in meta["precision"]
+    assert without_timing(out / "results.csv")[KEY_COLUMNS].equals(without_timing(uninterrupted / "results.csv")[KEY_COLUMNS])
+    labels = labels_name("mobilenet_v2_cifar10", "cifar10")
+    assert np.array_equal(read_predictions(out / "predictions.npz")[labels],
+                          read_predictions(uninterrupted / "predictions.npz")[labels])
+    baseline = tmp_path / "baseline.json"
+    write_baseline(uninterrupted / "results.csv", baseline, results_config(uninterrupted), results_device(uninterrupted))
+    gate = check(out / "results.csv", baseline, config=results_config(out), device=results_device(out))
+    assert gate.ok, format_check(gate)
+    assert any(n.startswith("cross-device comparison: baseline on cpu") for n in gate.notes)
+
+
 @pytest.mark.slow
 def test_check_fails_a_sweep_whose_scaling_is_broken(uninterrupted, tmp_path, monkeypatch, data_root, models_dir):
     baseline = tmp_path / "baseline.json"
@@ -177,6 +198,17 @@ def test_check_fails_a_sweep_whose_scaling_is_broken(uninterrupted, tmp_path, mo
     regressed = result.table.loc[result.table["status"] == "regressed", "steps"].tolist()
     assert not result.ok and regressed and all("cls_relu6_clip" in s for s in regressed), format_check(result)
     assert (result.table.loc[result.table["status"] == "regressed", "changed_correctness"] > 3).all()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda config: config.with_engine("onnxruntime"), "the onnxruntime engine runs on the CPU, not cuda"),
+    (lambda config: config.with_execution(ray="local"), "a Ray sweep on cuda must give its tasks a GPU: pass --gpus-per-task"),
+])
+def test_gpu_sweeps_that_cannot_work_are_refused_before_any_work(tmp_path, change, message):
+    config = change(parse_config(tomllib.loads(CONFIG)))
+    with pytest.raises(SweepError, match=re.escape(message)):
+        run_sweep_in_process(config, tmp_path / "out", device="cuda", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
