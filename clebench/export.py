@@ -107,7 +107,7 @@ class _Builder:
         if array.dtype in (np.int16, np.uint16):
             self.opset = 21  # 16-bit QuantizeLinear / DequantizeLinear
         name = self.name(base)
-        self.initializers.append(self.onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.initializers.append(self.onnx.numpy_helper.from_array(np.asarray(array, order="C"), name))  # keeps 0-D
         return name
 
     def node(self, op: str, inputs: list[str], output: str, **attributes) -> str:
@@ -126,9 +126,9 @@ class _Builder:
                 f"activation {source!r} has {encoding.bits} bits; ONNX QuantizeLinear saturates at its 8- or 16-bit "
                 f"type's bounds, so only act_bits 8 and 16 export exactly; {HINT}"
             )
-        zero_type = _container(encoding.bits, encoding.symmetric)
-        scale = self.constant(f"{source}_scale", encoding.scale.numpy().astype(np.float32))
-        zero_point = self.constant(f"{source}_zero_point", encoding.zero_point.numpy().astype(zero_type))
+        scale, zero_point = _grid(encoding, _container(encoding.bits, encoding.symmetric), per_channel=False)
+        scale = self.constant(f"{source}_scale", scale)
+        zero_point = self.constant(f"{source}_zero_point", zero_point)
         return _Quantized(self.node("QuantizeLinear", [source, scale, zero_point], output), scale, zero_point, encoding)
 
     def dequantize(self, quantized: _Quantized, base: str) -> _Value:
@@ -146,10 +146,21 @@ class _Builder:
                                                                                            encoding.quant_max)
         dtype = np.int32 if encoding.bits == 32 else _container(encoding.bits, encoding.symmetric)
         data = self.constant(base, integers.numpy().astype(dtype))
-        scale_name = self.constant(f"{base}_scale", encoding.scale.numpy().astype(np.float32))
-        zero_name = self.constant(f"{base}_zero_point", encoding.zero_point.numpy().astype(dtype))
+        scale, zero_point = _grid(encoding, dtype, per_channel=axis is not None)
+        scale_name = self.constant(f"{base}_scale", scale)
+        zero_name = self.constant(f"{base}_zero_point", zero_point)
         attributes = {} if axis is None else {"axis": axis}
         return self.node("DequantizeLinear", [data, scale_name, zero_name], f"{base}_dq", **attributes)
+
+
+def _grid(encoding: Encoding, dtype: type, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 scale, `dtype` zero point) of `encoding` for Quantize/DequantizeLinear: 1-D [C] per channel,
+    0-D per tensor. Runtime fuses DQ -> Add -> Q into QLinearAdd (and the other QLinear ops) only when per-tensor
+    parameters are scalars; a [1]-shaped scale leaves the Add in float between a DequantizeLinear and a
+    QuantizeLinear."""
+    shape = (-1,) if per_channel else ()
+    return (encoding.scale.numpy().astype(np.float32).reshape(shape),
+            encoding.zero_point.numpy().astype(dtype).reshape(shape))
 
 
 def _encoding_from_dict(entry: dict, axis: int | None) -> Encoding:

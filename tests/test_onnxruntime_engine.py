@@ -66,6 +66,7 @@ def test_int8_mode_runs_integer_kernels_and_sim_mode_does_not(tmp_path):
     path = export_onnx(exact_sim(), INPUT, tmp_path / "m.onnx", int32_bias=True)
     int8, sim = int8_kernels(path, "int8"), int8_kernels(path, "sim")
     assert int8.get("QLinearConv") == 3 and "Conv" not in int8
+    assert int8.get("QLinearAdd") == 1 and "Add" not in int8  # the residual add: needs 0-D per-tensor parameters
     assert sim.get("Conv") == 3 and "QLinearConv" not in sim
 
 
