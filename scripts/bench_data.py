@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import torchvision
 import torchvision.io as tvio
 import torchvision.transforms.functional as TF
 from PIL import Image
@@ -165,12 +166,14 @@ def wnid_map(folder: Path) -> dict[str, int]:
 
 
 def bench_eval(model_name: str, folder: Path, cache: Path, limit: int, batch_size: int, device: torch.device,
-               repeat: int) -> dict[str, float]:
-    """evaluate() over batches (FP32, from the cache mapping or to_device) against a bare loop on device data."""
+               repeat: int, untrained: bool) -> dict[str, float]:
+    """evaluate() over batches (FP32, from the cache mapping or to_device, NCHW or channels_last) against a bare loop
+    on device data."""
     preprocessing = model_preprocessing(model_name)
     images = data.load_images("imagenet", folder.name, folder.parent, preprocessing, limit=limit, cache_dir=cache,
                               progress=False, wnid_to_idx=wnid_map(folder))
-    model = load_model(model_name).to(device).eval()
+    model = torchvision.models.get_model(model_name) if untrained else load_model(model_name)
+    model = model.to(device).eval()
     resident = data.to_device(images, device)
     mean = torch.tensor(preprocessing.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(preprocessing.std, device=device).view(1, 3, 1, 1)
@@ -183,12 +186,13 @@ def bench_eval(model_name: str, folder: Path, cache: Path, limit: int, batch_siz
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def harness(image_set: data.ImageSet):
+    def harness(image_set: data.ImageSet, channels_last: bool = False):
         return lambda: evaluate(model, data.batches(image_set, batch_size, preprocessing, device), device,
-                                progress=False)
+                                progress=False, channels_last=channels_last)
 
     variants = {"bare loop (device-resident)": bare, "evaluate(batches) from mapping": harness(images),
-                "evaluate(batches) after to_device": harness(resident)}
+                "evaluate(batches) after to_device": harness(resident),
+                "evaluate(batches) after to_device, channels_last": harness(resident, channels_last=True)}
     best = dict.fromkeys(variants, float("inf"))
     with fp32_precision():
         for _ in range(repeat):
@@ -208,6 +212,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--eval", metavar="MODEL", help="also time evaluation of this model (e.g. efficientnet_lite0)")
+    parser.add_argument("--untrained", action="store_true", help="--eval a torchvision architecture with random "
+                        "weights (throughput only; for machines that cannot download the weights)")
     parser.add_argument("--eval-limit", type=int, default=1000, help="images for the evaluation timing")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -240,11 +246,11 @@ def main() -> None:
               f"{cache['hit_and_stream_peak_anon_gb']:.2f} GB")
         if args.eval:
             throughput = bench_eval(args.eval, folder, cache_dir, args.eval_limit, args.batch_size,
-                                    torch.device(args.device), args.repeat)
+                                    torch.device(args.device), args.repeat, args.untrained)
             bare = throughput["bare loop (device-resident)"]
             print(f"\n{args.eval} FP32 on {args.device}, {args.eval_limit} images, batch {args.batch_size} (img/s):")
             for name, rate in throughput.items():
-                print(f"  {name:34s} {rate:8.0f}  {rate / bare:5.0%} of the bare loop")
+                print(f"  {name:50s} {rate:8.0f}  {rate / bare:5.0%} of the bare loop")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from clebench.precision import fp32_precision
 from clebench.results import read_json, row_differences
 
 VARIANTS = {  # name -> (extra CLI arguments, extra TOML)
@@ -62,7 +63,8 @@ def task_overhead(tasks: int = 50) -> tuple[float, float]:
 
 
 def gpu_sharing(images: int = 20_000, batch: int = 250) -> list[tuple[int, float]]:
-    """(concurrent tasks, images/s in total) for torchvision MobileNetV2 on synthetic 224 px batches on one GPU."""
+    """(concurrent tasks, images/s in total) for torchvision MobileNetV2 on synthetic 224 px batches on one GPU, TF32
+    off as in a sweep."""
     import ray
 
     def evaluate(count: int) -> float:
@@ -72,7 +74,7 @@ def gpu_sharing(images: int = 20_000, batch: int = 250) -> list[tuple[int, float
         data = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, device="cuda")
         torch.cuda.synchronize()
         started = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), fp32_precision():
             for _ in range(count // batch):
                 model(data.float().div_(255)).argmax(1)
         torch.cuda.synchronize()
@@ -90,21 +92,15 @@ def gpu_sharing(images: int = 20_000, batch: int = 250) -> list[tuple[int, float
     return rates
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=Path("configs/cifar10_ci.toml"))
-    parser.add_argument("--limit", type=int, help="evaluation images (default: the config's)")
-    parser.add_argument("--markdown", type=Path, help="also write the tables to this file")
-    args = parser.parse_args()
-    lines = [f"# Local vs Ray: `{args.config}`{f' --limit {args.limit}' if args.limit else ''}", "",
-             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}", "",
-             "| run | wall s (process) | ratio to in-process | units | FP32 evals | calibrations | quantized evals | same rows |",
+def sweep_lines(config: Path, limit: int | None) -> list[str]:
+    """The local vs Ray table and Ray's overhead per task."""
+    lines = ["| run | wall s (process) | ratio to in-process | units | FP32 evals | calibrations | quantized evals | same rows |",
              "|:--|--:|--:|--:|--:|--:|--:|:--|"]
     with tempfile.TemporaryDirectory() as folder:
         outs = {}
         for name, (extra_args, extra_toml) in VARIANTS.items():
             outs[name] = Path(folder) / name.replace(" ", "_").replace(",", "")
-            work = run_variant(args.config, args.limit, extra_args, extra_toml, outs[name])
+            work = run_variant(config, limit, extra_args, extra_toml, outs[name])
             if name == "in-process":
                 reference = work["process_seconds"]
             lines.append(
@@ -114,11 +110,26 @@ def main() -> None:
             )
             print(lines[-1], flush=True)
     single, batched = task_overhead()
-    lines += ["", f"Ray overhead per empty task: {single:.1f} ms round trip alone, {batched:.2f} ms each when 50 are "
-              "submitted at once (local Ray, workers started)."]
+    return lines + ["", f"Ray overhead per empty task: {single:.1f} ms round trip alone, {batched:.2f} ms each when 50 "
+                    "are submitted at once (local Ray, workers started)."]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=Path("configs/cifar10_ci.toml"))
+    parser.add_argument("--limit", type=int, help="evaluation images (default: the config's)")
+    parser.add_argument("--gpu-sharing-only", action="store_true", help="skip the sweeps and the overhead measurement")
+    parser.add_argument("--markdown", type=Path, help="also write the tables to this file")
+    args = parser.parse_args()
+    title = "One GPU shared by Ray tasks" if args.gpu_sharing_only else \
+        f"Local vs Ray: `{args.config}`{f' --limit {args.limit}' if args.limit else ''}"
+    lines = [f"# {title}", "",
+             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}", ""]
+    if not args.gpu_sharing_only:
+        lines += sweep_lines(args.config, args.limit)
     if torch.cuda.is_available():
         lines += ["", f"One {torch.cuda.get_device_name()} shared by concurrent tasks (MobileNetV2, synthetic 224 px, "
-                  "batch 250):", "", "| tasks | images/s |", "|--:|--:|"]
+                  "batch 250, TF32 off, 20,000 images split evenly over the tasks):", "", "| tasks | images/s |", "|--:|--:|"]
         lines += [f"| {n} | {rate:,.0f} |" for n, rate in gpu_sharing()]
     else:
         lines += ["", "No GPU on this machine: the GPU-sharing measurement was skipped."]
