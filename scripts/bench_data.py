@@ -29,10 +29,11 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from clebench import data, evaluate
+from clebench import data, evaluate, graph, steps
 from clebench.decode import decode_into, default_workers
 from clebench.models import Preprocessing, load_model, model_preprocessing
 from clebench.precision import fp32_precision
+from clebench.prepare import calibrated_sim
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-sample"
 GEOMETRY = Preprocessing(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -166,13 +167,17 @@ def wnid_map(folder: Path) -> dict[str, int]:
 
 
 def bench_eval(model_name: str, folder: Path, cache: Path, limit: int, batch_size: int, device: torch.device,
-               repeat: int, untrained: bool) -> dict[str, float]:
-    """evaluate() over batches (FP32, from the cache mapping or to_device, NCHW or channels_last) against a bare loop
-    on device data."""
+               repeat: int, untrained: bool, quant: str | None) -> dict[str, float]:
+    """evaluate() over batches (from the cache mapping or to_device, NCHW or channels_last) against a bare loop on
+    device data, of the FP32 model or (quant given) its calibrated QuantSim."""
     preprocessing = model_preprocessing(model_name)
     images = data.load_images("imagenet", folder.name, folder.parent, preprocessing, limit=limit, cache_dir=cache,
                               progress=False, wnid_to_idx=wnid_map(folder))
     model = torchvision.models.get_model(model_name) if untrained else load_model(model_name)
+    if quant is not None:  # BN folded, calibrated on the first batch
+        state = steps.PipelineState(graph.prepare_model(model).eval())
+        steps.apply_fp32_step("bn_fold", state)
+        model = calibrated_sim(state, "bn_fold", quant, list(data.batches(images, batch_size, preprocessing))[:1]).model
     model = model.to(device).eval()
     resident = data.to_device(images, device)
     mean = torch.tensor(preprocessing.mean, device=device).view(1, 3, 1, 1)
@@ -214,6 +219,8 @@ def main() -> None:
     parser.add_argument("--eval", metavar="MODEL", help="also time evaluation of this model (e.g. efficientnet_lite0)")
     parser.add_argument("--untrained", action="store_true", help="--eval a torchvision architecture with random "
                         "weights (throughput only; for machines that cannot download the weights)")
+    parser.add_argument("--quant", help="time the QuantSim under this preset (e.g. w8a8_per_tensor_minmax) instead "
+                        "of the FP32 model")
     parser.add_argument("--eval-limit", type=int, default=1000, help="images for the evaluation timing")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -246,9 +253,9 @@ def main() -> None:
               f"{cache['hit_and_stream_peak_anon_gb']:.2f} GB")
         if args.eval:
             throughput = bench_eval(args.eval, folder, cache_dir, args.eval_limit, args.batch_size,
-                                    torch.device(args.device), args.repeat, args.untrained)
+                                    torch.device(args.device), args.repeat, args.untrained, args.quant)
             bare = throughput["bare loop (device-resident)"]
-            print(f"\n{args.eval} FP32 on {args.device}, {args.eval_limit} images, batch {args.batch_size} (img/s):")
+            print(f"\n{args.eval} {args.quant or 'FP32'} on {args.device}, {args.eval_limit} images, batch {args.batch_size} (img/s):")
             for name, rate in throughput.items():
                 print(f"  {name:50s} {rate:8.0f}  {rate / bare:5.0%} of the bare loop")
     finally:

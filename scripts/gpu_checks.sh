@@ -7,7 +7,7 @@
 #   data/cifar10/{test,train}/<class>/   the first 20 images of each class (the quick config's), or for sweep_gpu_full
 #                                        the whole test split and the first 52 training images of each class
 #   data/imagenet-sample/<wnid>/         some ImageNet JPEGs (replicated to 50,000 by symlinks for the data bench)
-#   models/mobilenet_v2_cifar10.pt       the reference checkpoint
+#   models/<name>.pt                     the reference checkpoints of $QUICK_MODELS (default: both, as CI's)
 #   whl/*.whl                            optional: wheels to install first (Ray, where the machine lacks it)
 # Each section writes its log to $RESULTS; a failing section is reported and the next one still runs.
 set -u
@@ -16,6 +16,7 @@ RESULTS=${RESULTS:-/tmp/gpu_checks}
 DEVICE=${DEVICE:-cuda}
 IMAGES=${IMAGES:-50000}        # replicated ImageNet-style images for the data bench
 EVAL_IMAGES=${EVAL_IMAGES:-10000}
+QUICK_MODELS=${QUICK_MODELS:-resnet18_cifar10 mobilenet_v2_cifar10}
 ONLY="$*"
 mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -43,7 +44,8 @@ section environment 60 bash -c 'nvidia-smi --query-gpu=name,driver_version,memor
     torch.backends.cudnn.version(), torch.cuda.get_device_name())"'
 section cuda_tests 180 python3 -m pytest -q -p no:cacheprovider tests/test_graph.py tests/test_image_cache.py \
     tests/test_sweep.py -k "cuda or tf32"
-quick=(python3 -m clebench sweep configs/cifar10_ci.toml --models mobilenet_v2_cifar10 --device "$DEVICE" --no-progress)
+read -ra models <<<"$QUICK_MODELS"
+quick=(python3 -m clebench sweep configs/cifar10_ci.toml --models "${models[@]}" --device "$DEVICE" --no-progress)
 section sweep_gpu 240 "${quick[@]}" --out "$RESULTS/cifar10_ci_gpu"
 section sweep_gpu_again 240 "${quick[@]}" --out /tmp/cifar10_ci_gpu_again
 section same_rows_gpu 60 python3 scripts/same_rows.py "$RESULTS/cifar10_ci_gpu" /tmp/cifar10_ci_gpu_again
@@ -55,4 +57,9 @@ section data_256px 300 python3 scripts/bench_data.py --data "$GPU_INPUTS/data/im
     --decode-images 4000 --eval mobilenet_v2 --untrained --eval-limit "$EVAL_IMAGES" --device "$DEVICE"
 section data_full_size 300 python3 scripts/bench_data.py --data "$GPU_INPUTS/data/imagenet-sample" --full-size \
     --replicate "$IMAGES" --decode-images 4000 --eval resnet18 --untrained --eval-limit "$EVAL_IMAGES" --device "$DEVICE"
+for model in mobilenet_v2 resnet18; do
+    section "data_sim_$model" 300 python3 scripts/bench_data.py --data "$GPU_INPUTS/data/imagenet-sample" \
+        --replicate "$EVAL_IMAGES" --decode-images 1000 --eval "$model" --untrained --quant w8a8_per_tensor_minmax \
+        --eval-limit "$EVAL_IMAGES" --device "$DEVICE"
+done
 section ray_gpu_sharing 240 python3 scripts/bench_ray.py --gpu-sharing-only --markdown "$RESULTS/ray_gpu_sharing.md"
