@@ -2,7 +2,10 @@
 
 For each model x step combination x weight bit-width (per tensor, 8-bit activations, min/max, calibrated on 512
 training images): FP32, the torch simulation, onnxruntime-sim and onnxruntime-int8 top-1 on the first --images
-class-balanced test images, and the share of images whose top-1 class equals the torch simulation's.
+class-balanced test images, and the share of images whose top-1 class equals the torch simulation's. The last
+columns hold the torch simulation with int32 biases (``_int32bias``: biases rounded to the grid input scale x weight
+scale, as int8 kernels need them) and int8's agreement with it, which separates the bias rounding from the rest of
+the deployment gap.
 
     python scripts/deploy_gap.py --images 10000 --out results/bench/deploy_gap.md
 """
@@ -35,6 +38,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--calibration", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", nargs="+", choices=list(ROWS), default=list(ROWS))
+    parser.add_argument("--quant", nargs="+", choices=QUANTS, default=QUANTS)
     parser.add_argument("--out", type=Path, default=Path("results/bench/deploy_gap.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -43,12 +48,14 @@ def main() -> None:
         f"calibrated on {args.calibration} training images. sim = torch simulation; ort-sim / int8 agree = % of images "
         "whose top-1 class equals the torch simulation's.",
         "",
-        "| model | steps | quant | FP32 | sim | ort-sim | ort-sim agree | int8 | int8 agree | sim - int8 |",
-        "|:--|:--|:--|--:|--:|--:|--:|--:|--:|--:|",
+        "| model | steps | quant | FP32 | sim | ort-sim | ort-sim agree | int8 | int8 agree | sim - int8 "
+        "| sim int32 bias | int8 agree with it | sim int32 bias - int8 |",
+        "|:--|:--|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
-        for model_name, combinations in ROWS.items():
+        for model_name in args.models:
+            combinations = ROWS[model_name]
             preprocessing = model_preprocessing(model_name)
             test = load_images("cifar10", "test", args.data_root, preprocessing, limit=args.images, progress=False)
             train = load_images("cifar10", "train", args.data_root, preprocessing, limit=args.calibration, progress=False)
@@ -56,16 +63,20 @@ def main() -> None:
             for combination in combinations:
                 state = prepare_fp32(model_name, combination, models_dir=args.models_dir)
                 fp32 = evaluate(state.model, batches(test, 500, preprocessing), progress=False)
-                for quant in QUANTS:
+                for quant in args.quant:
                     sim = calibrated_sim(state, combination, quant, calibration)
                     dummy = calibration[0][0][:1]
                     result = {engine: evaluate_quantized(sim, dummy, batches(test, 500, preprocessing), engine=engine,
                                                          workdir=workdir, threads=args.threads, progress=False)
                               for engine in ("torch", "onnxruntime-sim", "onnxruntime-int8")}
                     torch_sim, ort_sim, int8 = (result[e] for e in ("torch", "onnxruntime-sim", "onnxruntime-int8"))
+                    int32_sim = evaluate(calibrated_sim(state, combination, f"{quant}_int32bias", calibration).model,
+                                         batches(test, 500, preprocessing), progress=False)
                     line = (f"| {model_name} | {combination} | {quant} | {fp32['top1']:.2f} | {torch_sim['top1']:.2f} | "
                             f"{ort_sim['top1']:.2f} | {agreement(ort_sim, torch_sim):.2f} | {int8['top1']:.2f} | "
-                            f"{agreement(int8, torch_sim):.2f} | {torch_sim['top1'] - int8['top1']:+.2f} |")
+                            f"{agreement(int8, torch_sim):.2f} | {torch_sim['top1'] - int8['top1']:+.2f} | "
+                            f"{int32_sim['top1']:.2f} | {agreement(int8, int32_sim):.2f} | "
+                            f"{int32_sim['top1'] - int8['top1']:+.2f} |")
                     print(line, flush=True)
                     lines.append(line)
                     args.out.parent.mkdir(parents=True, exist_ok=True)
