@@ -1,7 +1,8 @@
 """Speed of the evaluation engines on the CIFAR-10 checkpoints (BN folded, W8A8 per tensor), from one run.
 
 Engines: torch FP32 eager (contiguous and channels_last), the torch simulation (contiguous and channels_last),
-onnxruntime-sim and onnxruntime-int8 (session creation included), plus the export time of each ONNX variant.
+onnxruntime-sim and onnxruntime-int8 (session creation included), plus the export time of each ONNX variant, and
+where Runtime spends its kernel time (its profiler, one more pass per mode).
 Engines are interleaved over --repeats rounds and each one's fastest round is kept, as this machine is shared;
 ratios are against the torch simulation in the same run.
 
@@ -10,8 +11,10 @@ ratios are against the torch simulation in the same run.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -20,7 +23,7 @@ from clebench.data import batches, load_images
 from clebench.evaluation import agreement, evaluate
 from clebench.export import export_onnx
 from clebench.models import model_preprocessing
-from clebench.onnxruntime_engine import evaluate_onnx, runtime_info
+from clebench.onnxruntime_engine import evaluate_onnx, runtime_info, session_options
 from clebench.prepare import calibrated_sim, prepare_fp32
 
 MODELS = ("resnet18_cifar10", "mobilenet_v2_cifar10")
@@ -32,7 +35,27 @@ def timed(function) -> tuple[float, dict]:
     return time.perf_counter() - started, result
 
 
-def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> list[str]:
+def op_shares(path: Path, mode: str, loader: list, threads: int, top: int = 5) -> str:
+    """The op types taking most of Runtime's kernel time over one pass of `loader`, e.g. "Conv 73 %, ..."."""
+    import onnxruntime
+
+    options = session_options(mode, threads)
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path.with_suffix(""))
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for inputs, _ in loader:
+        session.run(None, {name: inputs.numpy()})
+    totals: Counter = Counter()
+    for event in json.loads(Path(session.end_profiling()).read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            totals[event["args"]["op_name"]] += event["dur"]
+    whole = sum(totals.values())
+    return ", ".join(f"{op} {100 * micros / whole:.0f} %" for op, micros in totals.most_common(top))
+
+
+def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> tuple[list[str], list[str]]:
+    """(speed table rows, kernel-time table rows) of model `name`."""
     preprocessing = model_preprocessing(name)
     test = load_images("cifar10", "test", args.data_root, preprocessing, limit=args.images, progress=False)
     train = load_images("cifar10", "train", args.data_root, preprocessing, limit=args.calibration, progress=False)
@@ -66,7 +89,9 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> list[str]
                      f"{results[engine]['top1']:.2f} | {same:.2f} |")
     lines.append(f"| {name} | export (sim / int8 variant) | {export_seconds['sim']:.2f} / {export_seconds['int8']:.2f} "
                  "| | | |")
-    return lines
+    shares = [f"| {name} | onnxruntime-{mode} | {op_shares(paths[mode], mode, loader, args.threads)} |"
+              for mode in ("sim", "int8")]
+    return lines, shares
 
 
 def main() -> None:
@@ -89,10 +114,15 @@ def main() -> None:
         "| model | engine | seconds | vs torch sim | top-1 | same |",
         "|:--|:--|--:|--:|--:|--:|",
     ]
+    shares = ["", "Where Runtime spends its kernel time (share of the summed kernel times, largest five op types):", "",
+              "| model | engine | op types |", "|:--|:--|:--|"]
     with tempfile.TemporaryDirectory() as workdir:
         for name in MODELS:
-            lines += bench_model(name, args, Path(workdir))
-            print("\n".join(lines), flush=True)
+            speed, kernels = bench_model(name, args, Path(workdir))
+            lines += speed
+            shares += kernels
+            print("\n".join(speed + kernels), flush=True)
+    lines += shares
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines) + "\n")
