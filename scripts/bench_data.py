@@ -177,7 +177,7 @@ def bench_eval(model_name: str, folder: Path, cache: Path, limit: int, batch_siz
     if quant is not None:  # BN folded, calibrated on the first batch
         state = steps.PipelineState(graph.prepare_model(model).eval())
         steps.apply_fp32_step("bn_fold", state)
-        model = calibrated_sim(state, "bn_fold", quant, list(data.batches(images, batch_size, preprocessing))[:1]).model
+        model = calibrated_sim(state, "bn_fold", quant, [next(data.batches(images, batch_size, preprocessing))]).model
     model = model.to(device).eval()
     resident = data.to_device(images, device)
     mean = torch.tensor(preprocessing.mean, device=device).view(1, 3, 1, 1)
