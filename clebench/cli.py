@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from clebench.errors import UserError
-from clebench.regression import DEFAULT_MIN_IMAGES
+from clebench.reporting.regression import DEFAULT_MIN_IMAGES
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -140,15 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
 def run_export(args: argparse.Namespace) -> int:
     import time
 
-    from clebench import data
-    from clebench.export import export_encodings, export_onnx
+    from clebench.data import datasets
+    from clebench.runtimes.export import export_encodings, export_onnx
     from clebench.models import model_preprocessing
-    from clebench.prepare import calibrated_sim, prepare_fp32
+    from clebench.sweep.prepare import calibrated_sim, prepare_fp32
 
     state = prepare_fp32(args.model, args.steps, models_dir=args.models_dir, checkpoint=args.checkpoint)
     preprocessing = model_preprocessing(args.model)
-    images = data.load_images(args.dataset, args.calibration_split, args.data_root, preprocessing, limit=args.calibration)
-    calibration = list(data.batches(images, 500, preprocessing))
+    images = datasets.load_images(args.dataset, args.calibration_split, args.data_root, preprocessing, limit=args.calibration)
+    calibration = list(datasets.batches(images, 500, preprocessing))
     sim = calibrated_sim(state, args.steps, args.quant, calibration)
     started = time.perf_counter()
     path = export_onnx(sim, calibration[0][0][:1], args.out, int32_bias=True if args.int32_bias else None)
@@ -159,9 +159,9 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from clebench.config import load_config
-    from clebench.report import write_report
-    from clebench.sweep import run_sweep
+    from clebench.sweep.config import load_config
+    from clebench.reporting.report import write_report
+    from clebench.sweep.run import run_sweep
 
     config = load_config(args.config)
     if args.limit is not None:
@@ -182,7 +182,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from clebench.report import write_report
+    from clebench.reporting.report import write_report
 
     for path in write_report(args.results_dir):
         print(path)
@@ -190,9 +190,10 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_ranges(args: argparse.Namespace) -> int:
-    from clebench import graph, ranges, steps
+    from clebench import graph, ranges
+    from clebench.sweep import steps
     from clebench.models import list_models, load_model
-    from clebench.report import plot_layer_ranges
+    from clebench.reporting.report import plot_layer_ranges
 
     if args.list or not args.model:
         print("\n".join(list_models()))
@@ -214,7 +215,7 @@ def run_ranges(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from clebench import regression
+    from clebench.reporting import regression
 
     results_csv = args.results_dir / "results.csv"
     config = regression.results_config(args.results_dir)
@@ -232,7 +233,7 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_cache(args: argparse.Namespace) -> int:
-    from clebench import image_cache
+    from clebench.data import image_cache
 
     root = image_cache.cache_dir(args.cache_dir)
     if args.action == "clear":

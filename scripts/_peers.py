@@ -40,7 +40,7 @@ from torch import nn
 from clebench import utils
 from clebench.batch_norm_fold import fold_all_batch_norms
 from clebench.cli import positive_int  # the option type of every bench_peers script
-from clebench.data import ImageSet, batches, load_images
+from clebench.data.datasets import ImageSet, batches, load_images
 from clebench.models import load_model, model_preprocessing
 from clebench.models.preprocessing import IMAGENET_PREPROCESSING, Preprocessing
 from clebench.quant import QuantConfig, QuantSim

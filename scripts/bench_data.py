@@ -6,7 +6,7 @@
 
 Decoders are interleaved and repeated (best of --repeat), so the ratios hold on a noisy machine:
 ``old`` is the previous loader (PIL in a thread pool, torch ops per image), ``threads`` / ``processes`` are
-clebench.decode's pools (pixel-identical to ``old``), ``decode_jpeg`` is torchvision.io (libjpeg-turbo, tensor
+clebench.data.decode's pools (pixel-identical to ``old``), ``decode_jpeg`` is torchvision.io (libjpeg-turbo, tensor
 resize; not pixel-identical, shown for reference). Then a cold load_images into an empty cache, a cache-hit open,
 the peak anonymous memory (RssAnon, sampled), and with --eval the evaluation throughput over ``batches`` against
 a bare loop over the same uint8 images already on the device. Replicas and caches live in a temporary folder that
@@ -29,11 +29,15 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from clebench import data, evaluate, graph, steps
-from clebench.decode import decode_into, default_workers
+from clebench import evaluate, graph
+
+from clebench.data import datasets
+
+from clebench.sweep import steps
+from clebench.data.decode import decode_into, default_workers
 from clebench.models import Preprocessing, load_model, model_preprocessing
 from clebench.precision import fp32_precision
-from clebench.prepare import calibrated_sim
+from clebench.sweep.prepare import calibrated_sim
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-sample"
 GEOMETRY = Preprocessing(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -147,16 +151,16 @@ def bench_cache(folder: Path, cache: Path) -> dict[str, float]:
     root, split = folder.parent, folder.name
     with PeakAnon() as cold_memory:
         start = time.perf_counter()
-        images = data.load_images("imagenet", split, root, GEOMETRY, cache_dir=cache, progress=False,
+        images = datasets.load_images("imagenet", split, root, GEOMETRY, cache_dir=cache, progress=False,
                                   wnid_to_idx=wnid_map(folder))
         cold = time.perf_counter() - start
     del images
     with PeakAnon() as hit_memory:
         start = time.perf_counter()
-        images = data.load_images("imagenet", split, root, GEOMETRY, cache_dir=cache, progress=False,
+        images = datasets.load_images("imagenet", split, root, GEOMETRY, cache_dir=cache, progress=False,
                                   wnid_to_idx=wnid_map(folder))
         hit = time.perf_counter() - start
-        checksum = sum(int(x.sum()) for x, _ in data.batches(images, 1000, GEOMETRY))  # touch every pixel
+        checksum = sum(int(x.sum()) for x, _ in datasets.batches(images, 1000, GEOMETRY))  # touch every pixel
     return {"images": len(images), "cold_s": cold, "cold_img_per_s": len(images) / cold, "hit_s": hit,
             "cold_peak_anon_gb": cold_memory.peak / 1e9, "hit_and_stream_peak_anon_gb": hit_memory.peak / 1e9,
             "checksum": checksum}
@@ -171,15 +175,15 @@ def bench_eval(model_name: str, folder: Path, cache: Path, limit: int, batch_siz
     """evaluate() over batches (from the cache mapping or to_device, NCHW or channels_last) against a bare loop on
     device data, of the FP32 model or (quant given) its calibrated QuantSim."""
     preprocessing = model_preprocessing(model_name)
-    images = data.load_images("imagenet", folder.name, folder.parent, preprocessing, limit=limit, cache_dir=cache,
+    images = datasets.load_images("imagenet", folder.name, folder.parent, preprocessing, limit=limit, cache_dir=cache,
                               progress=False, wnid_to_idx=wnid_map(folder))
     model = torchvision.models.get_model(model_name) if untrained else load_model(model_name)
     if quant is not None:  # BN folded, calibrated on the first batch
         state = steps.PipelineState(graph.prepare_model(model).eval())
         steps.apply_fp32_step("bn_fold", state)
-        model = calibrated_sim(state, "bn_fold", quant, [next(data.batches(images, batch_size, preprocessing))]).model
+        model = calibrated_sim(state, "bn_fold", quant, [next(datasets.batches(images, batch_size, preprocessing))]).model
     model = model.to(device).eval()
-    resident = data.to_device(images, device)
+    resident = datasets.to_device(images, device)
     mean = torch.tensor(preprocessing.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(preprocessing.std, device=device).view(1, 3, 1, 1)
     on_device = images.images.to(device)
@@ -191,8 +195,8 @@ def bench_eval(model_name: str, folder: Path, cache: Path, limit: int, batch_siz
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def harness(image_set: data.ImageSet, channels_last: bool = False):
-        return lambda: evaluate(model, data.batches(image_set, batch_size, preprocessing, device), device,
+    def harness(image_set: datasets.ImageSet, channels_last: bool = False):
+        return lambda: evaluate(model, datasets.batches(image_set, batch_size, preprocessing, device), device,
                                 progress=False, channels_last=channels_last)
 
     variants = {"bare loop (device-resident)": bare, "evaluate(batches) from mapping": harness(images),

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from clebench.data import batches, load_images
+from clebench.data.datasets import batches, load_images
 from clebench.evaluation import agreement, evaluate
-from clebench.export import export_onnx
+from clebench.runtimes.export import export_onnx
 from clebench.models import model_preprocessing
-from clebench.onnxruntime_engine import evaluate_onnx, runtime_info, session_options
-from clebench.prepare import calibrated_sim, prepare_fp32
+from clebench.runtimes.onnxruntime import evaluate_onnx, runtime_info, session_options
+from clebench.sweep.prepare import calibrated_sim, prepare_fp32
 
 MODELS = ("resnet18_cifar10", "mobilenet_v2_cifar10")
 

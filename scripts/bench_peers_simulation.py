@@ -25,7 +25,7 @@ import _peers  # the scripts' shared helpers live beside them
 from _peers import Row, SectionResult
 from torch import nn
 
-from clebench.data import batches
+from clebench.data.datasets import batches
 from clebench.evaluation import evaluate
 from clebench.models import model_preprocessing
 

@@ -29,9 +29,11 @@ import pandas as pd
 from _peers import Row, SectionResult
 from torch import nn
 
-from clebench import graph, steps
-from clebench.config import load_config
-from clebench.execute import fingerprint
+from clebench import graph
+
+from clebench.sweep import steps
+from clebench.sweep.config import load_config
+from clebench.sweep.execute import fingerprint
 from clebench.models import load_model
 
 SWEEP_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cifar10.toml"

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from clebench.batch_norm_fold import fold_all_batch_norms
-from clebench.data import batches, load_images
+from clebench.data.datasets import batches, load_images
 from clebench.models import load_model, model_preprocessing
 from clebench.quant import QuantConfig, QuantSim
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from clebench.precision import fp32_precision
-from clebench.results import read_json, row_differences
+from clebench.sweep.results import read_json, row_differences
 
 VARIANTS = {  # name -> (extra CLI arguments, extra TOML)
     "in-process": ([], ""),

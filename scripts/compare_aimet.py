@@ -46,7 +46,7 @@ from torch import nn
 import _peers  # the scripts' shared helpers live beside them
 
 from clebench.cross_layer_equalization import equalize_model
-from clebench.data import batches
+from clebench.data.datasets import batches
 from clebench.evaluation import evaluate
 from clebench.models import load_model, model_preprocessing
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from clebench.report import markdown_table
-from clebench.results import KEY_COLUMNS, PREDICTIONS_FILE, RESULTS_FILE, RowKey, labels_name, prediction_name, read_predictions
+from clebench.reporting.report import markdown_table
+from clebench.sweep.results import KEY_COLUMNS, PREDICTIONS_FILE, RESULTS_FILE, RowKey, labels_name, prediction_name, read_predictions
 
 
 def agreement_table(first: Path, second: Path) -> pd.DataFrame:

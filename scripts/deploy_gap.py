@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from clebench.data import batches, load_images
+from clebench.data.datasets import batches, load_images
 from clebench.evaluation import agreement, evaluate
 from clebench.models import model_preprocessing
-from clebench.onnxruntime_engine import evaluate_quantized, runtime_info
-from clebench.prepare import calibrated_sim, prepare_fp32
+from clebench.runtimes.onnxruntime import evaluate_quantized, runtime_info
+from clebench.sweep.prepare import calibrated_sim, prepare_fp32
 
 ROWS = {
     "resnet18_cifar10": ["bn_fold", "bn_fold+cls+hbf"],

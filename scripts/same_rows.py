@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from clebench.results import row_differences
+from clebench.sweep.results import row_differences
 
 
 def main() -> int:

@@ -2,7 +2,7 @@
 
 Recipe: 100 epochs, batch 512, SGD Nesterov momentum 0.9, OneCycle (linear, 15 % warm-up), weight decay on
 conv/linear weights only (not on BatchNorm, biases or depthwise kernels), label smoothing 0.1, random crop 32
-with 4-pixel zero padding + horizontal flip, bf16 autocast. The whole data set is decoded once (clebench.data)
+with 4-pixel zero padding + horizontal flip, bf16 autocast. The whole data set is decoded once (clebench.data.datasets)
 and stays on the device as uint8; augmentation runs there too.
 
     python scripts/train_cifar.py --model resnet18_cifar10 --out runs/cifar            # GPU, ~100 s on an H200
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from clebench.data import ImageSet, batches, load_images
+from clebench.data.datasets import ImageSet, batches, load_images
 from clebench.models.checkpoint import sha256_file
 from clebench.models.cifar import CIFAR10_BUILDERS
 from clebench.models.preprocessing import CIFAR10_PREPROCESSING

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from clebench.results import TIMING_COLUMNS
+from clebench.sweep.results import TIMING_COLUMNS
 
 CONFIG = """
 models = ["mobilenet_v2_cifar10"]

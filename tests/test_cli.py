@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from clebench import cli
-from clebench.config import ConfigError
+from clebench.sweep.config import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

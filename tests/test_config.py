@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from clebench.config import ConfigError, load_config
+from clebench.sweep.config import ConfigError, load_config
 
 CONFIG = """
 models = [{{ name = "resnet18_cifar10", checkpoint = "{checkpoint}" }}]

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-import clebench.data
-from clebench.data import balanced_subset, batches, list_datasets, load_images
+import clebench.data.datasets
+from clebench.data.datasets import balanced_subset, batches, list_datasets, load_images
 from clebench.models import Preprocessing
 
 WNIDS = ("n01440764", "n02102040", "n03888257")  # ImageNet-1k indices 0, 217, 701
@@ -203,12 +203,12 @@ def test_bad_arguments(folder):
 def test_data_root(monkeypatch, tmp_path):
     monkeypatch.delenv("CLEBENCH_DATA", raising=False)
     with pytest.raises(FileNotFoundError, match="CLEBENCH_DATA"):
-        clebench.data.data_root()
+        clebench.data.datasets.data_root()
     monkeypatch.setenv("CLEBENCH_DATA", str(tmp_path))
-    assert clebench.data.data_root() == tmp_path
-    assert clebench.data.data_root(tmp_path / "x", create=True) == tmp_path / "x"
+    assert clebench.data.datasets.data_root() == tmp_path
+    assert clebench.data.datasets.data_root(tmp_path / "x", create=True) == tmp_path / "x"
     with pytest.raises(FileNotFoundError, match="missing"):
-        clebench.data.data_root(tmp_path / "missing")
+        clebench.data.datasets.data_root(tmp_path / "missing")
 
 
 def test_resize_and_crop_match_torchvision_transforms(tmp_path):

@@ -14,7 +14,7 @@ onnx = pytest.importorskip("onnx")
 from onnx import numpy_helper  # noqa: E402
 
 from clebench.errors import MissingExtraError
-from clebench.export import (  # noqa: E402
+from clebench.runtimes.export import (  # noqa: E402
     ExportError,
     aimet_encodings,
     cached_export,

@@ -14,14 +14,14 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-import clebench.data
-from clebench import image_cache
+import clebench.data.datasets
+from clebench.data import image_cache
 from clebench.cli import main
-from clebench.data import batches, load_images, to_device
-from clebench.decode import decode_into
+from clebench.data.datasets import batches, load_images, to_device
+from clebench.data.decode import decode_into
 from clebench.models import Preprocessing
 from clebench.precision import PRECISION_POLICY, device_info, fp32_precision
-from clebench.results import TIMING_COLUMNS
+from clebench.sweep.results import TIMING_COLUMNS
 
 WNIDS = ("n01440764", "n02102040")
 MAP = {"n01440764": 0, "n02102040": 217}
@@ -43,12 +43,12 @@ def folder(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
-def _load(folder: Path, cache: Path | None, preprocessing: Preprocessing = PREP, **kwargs) -> clebench.data.ImageSet:
+def _load(folder: Path, cache: Path | None, preprocessing: Preprocessing = PREP, **kwargs) -> clebench.data.datasets.ImageSet:
     return load_images("imagenet", "split", folder, preprocessing, wnid_to_idx=MAP, progress=False,
                        cache=cache is not None, cache_dir=cache, **kwargs)
 
 
-def _assert_same(a: clebench.data.ImageSet, b: clebench.data.ImageSet) -> None:
+def _assert_same(a: clebench.data.datasets.ImageSet, b: clebench.data.datasets.ImageSet) -> None:
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
     assert (a.files, a.converted, a.skipped, a.name) == (b.files, b.converted, b.skipped, b.name)
 
@@ -65,7 +65,7 @@ def test_build_then_hit_maps_the_same_images_without_decoding(folder, tmp_path, 
     def no_decoding(*args, **kwargs):
         raise AssertionError("a cache hit decoded images")
 
-    monkeypatch.setattr(clebench.data, "decode_into", no_decoding)
+    monkeypatch.setattr(clebench.data.datasets, "decode_into", no_decoding)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. torch's warning about non-writable numpy arrays
         warm = _load(folder, tmp_path / "cache")
@@ -165,7 +165,7 @@ def test_unreadable_file_fails_the_same_way_cold_and_warm(folder, tmp_path):
 
 def test_concurrent_builders_in_two_processes_both_get_a_valid_entry(folder, tmp_path):
     script = (
-        "import sys, clebench.data as d; from clebench.models import Preprocessing;"
+        "import sys, clebench.data.datasets as d; from clebench.models import Preprocessing;"
         f"s = d.load_images('imagenet', 'split', {str(folder)!r}, Preprocessing(12, 8, (0.5,)*3, (0.5,)*3),"
         f" wnid_to_idx={MAP!r}, progress=False, cache_dir={str(tmp_path / 'cache')!r});"
         "print(int(s.images.long().sum()), len(s))"
@@ -238,7 +238,7 @@ def test_staged_and_resident_batches_equal_streamed_batches(folder, tmp_path):
     streamed = list(batches(images, 4, PREP))
     assert [len(y) for _, y in streamed] == [4, 2]
     assert to_device(images, "cpu") is images
-    staged = list(clebench.data._staged(images.images, images.labels, 4, torch.device("cpu")))
+    staged = list(clebench.data.datasets._staged(images.images, images.labels, 4, torch.device("cpu")))
     for (x, y), (raw, labels) in zip(streamed, staged):
         mean, std = torch.tensor(PREP.mean).view(1, 3, 1, 1), torch.tensor(PREP.std).view(1, 3, 1, 1)
         assert torch.equal(x, raw.float().div_(255).sub_(mean).div_(std)) and torch.equal(y, labels)

@@ -10,8 +10,8 @@ import pytest
 import torchvision
 
 from clebench import cli
-from clebench.config import load_config
-from clebench.data import load_images
+from clebench.sweep.config import load_config
+from clebench.data.datasets import load_images
 from clebench.models import model_preprocessing
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "imagenette_lite0.toml"

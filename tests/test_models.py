@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from clebench.data import batches, load_images
+from clebench.data.datasets import batches, load_images
 from clebench.models import (
     CheckpointError,
     CheckpointNotFoundError,

@@ -11,8 +11,8 @@ from conftest import ClippedNet
 pytest.importorskip("onnxruntime")
 
 from clebench.evaluation import evaluate  # noqa: E402
-from clebench.export import export_onnx  # noqa: E402
-from clebench.onnxruntime_engine import (  # noqa: E402
+from clebench.runtimes.export import export_onnx  # noqa: E402
+from clebench.runtimes.onnxruntime import (  # noqa: E402
     evaluate_onnx,
     evaluate_quantized,
     int8_kernels,
@@ -118,9 +118,9 @@ QUICK_ROWS = [("bn_fold", "w8a8_per_tensor_minmax"), ("bn_fold+cls_relu6_clip+hb
 @pytest.mark.parametrize("model_name", ["resnet18_cifar10", "mobilenet_v2_cifar10"])
 def test_onnxruntime_sim_agrees_with_the_torch_simulation_on_the_quick_config(tmp_path, data_root, models_dir,
                                                                               model_name):
-    from clebench.data import batches, load_images
+    from clebench.data.datasets import batches, load_images
     from clebench.models import model_preprocessing
-    from clebench.prepare import calibrated_sim, prepare_fp32
+    from clebench.sweep.prepare import calibrated_sim, prepare_fp32
 
     preprocessing = model_preprocessing(model_name)
     test = load_images("cifar10", "test", data_root, preprocessing, limit=200, progress=False)

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from clebench import plan, steps
-from clebench.config import parse_config
-from clebench.results import RowKey
+from clebench.sweep import plan
+
+from clebench.sweep import steps
+from clebench.sweep.config import parse_config
+from clebench.sweep.results import RowKey
 
 CONFIG = parse_config({
     "models": ["mobilenet_v2_cifar10", "resnet18_cifar10"],

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from clebench.results import KEY_COLUMNS, read_json, row_differences
+from clebench.sweep.results import KEY_COLUMNS, read_json, row_differences
 from sweeps import kill_after_rows, run_sweep, sweep_command
 
 pytest.importorskip("ray")

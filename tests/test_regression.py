@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from clebench import cli
-from clebench.config import load_config
-from clebench.regression import (
+from clebench.sweep.config import load_config
+from clebench.reporting.regression import (
     RESULT_COLUMNS,
     assert_no_regression,
     check,

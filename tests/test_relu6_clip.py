@@ -7,7 +7,9 @@ import pytest
 import torch
 from conftest import randomize_batch_norms, relative_error
 
-from clebench import data, graph
+from clebench import graph
+
+from clebench.data import datasets
 from clebench.activations import ChannelClippedReLU
 from clebench.batch_norm_fold import fold_all_batch_norms
 from clebench.cross_layer_equalization import CrossLayerScaling, HighBiasFold
@@ -16,8 +18,8 @@ from clebench.models import MobileNetV2, load_model, model_preprocessing
 
 def real_images(name: str, dataset: str, split: str, n: int) -> torch.Tensor:
     preprocessing = model_preprocessing(name)
-    images = data.load_images(dataset, split, None, preprocessing, limit=n, progress=False)
-    return next(data.batches(images, n, preprocessing))[0]
+    images = datasets.load_images(dataset, split, None, preprocessing, limit=n, progress=False)
+    return next(datasets.batches(images, n, preprocessing))[0]
 
 
 @pytest.mark.parametrize("channel_axis", [1, -1])

@@ -9,11 +9,11 @@ import pytest
 from matplotlib.image import imread
 from torch import nn
 
-import clebench.report
-import clebench.steps
+import clebench.reporting.report
+import clebench.sweep.steps
 from clebench.ranges import channel_stats, layer_ranges
-from clebench.results import RESULT_COLUMNS
-from clebench.report import (
+from clebench.sweep.results import RESULT_COLUMNS
+from clebench.reporting.report import (
     markdown_table,
     plot_layer_ranges,
     sorted_steps,
@@ -189,5 +189,5 @@ def test_plot_layer_ranges(tmp_path: Path):
 
 
 def test_step_order_and_labels_come_from_the_pipeline():
-    assert clebench.report.STEP_ORDER is clebench.steps.STEP_ORDER  # one source: a new step sorts where it runs
-    assert set(clebench.report.STEP_LABELS) == set(clebench.steps.STEP_ORDER)
+    assert clebench.reporting.report.STEP_ORDER is clebench.sweep.steps.STEP_ORDER  # one source: a new step sorts where it runs
+    assert set(clebench.reporting.report.STEP_LABELS) == set(clebench.sweep.steps.STEP_ORDER)

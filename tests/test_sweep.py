@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from clebench import layers
-from clebench.config import parse_config
-from clebench.report import write_report
-from clebench.regression import check, format_check, results_config, results_device, write_baseline
-from clebench.results import (
+from clebench.sweep.config import parse_config
+from clebench.reporting.report import write_report
+from clebench.reporting.regression import check, format_check, results_config, results_device, write_baseline
+from clebench.sweep.results import (
     KEY_COLUMNS,
     FolderLock,
     RowKey,
@@ -27,7 +27,7 @@ from clebench.results import (
     write_json,
     write_predictions,
 )
-from clebench.sweep import SweepError, run_sweep as run_sweep_in_process
+from clebench.sweep.run import SweepError, run_sweep as run_sweep_in_process
 from sweeps import CONFIG, kill_after_rows, run_sweep, without_timing
 
 

@@ -27,13 +27,17 @@ from torch import nn
 from tqdm import tqdm
 
 import clebench
-from clebench import data, graph, plan, results, steps
-from clebench.config import SweepConfig
+from clebench import graph
+from clebench.data import datasets
+from clebench.sweep import plan
+from clebench.sweep import results
+from clebench.sweep import steps
+from clebench.sweep.config import SweepConfig
 from clebench.errors import UserError
-from clebench.execute import Memo, Resources, Settings, UnitResult, Work, execute_unit, fingerprint, peak_memory_mib
+from clebench.sweep.execute import Memo, Resources, Settings, UnitResult, Work, execute_unit, fingerprint, peak_memory_mib
 from clebench.models import load_model, model_label_space
 from clebench.precision import device_info
-from clebench.record import Recorder
+from clebench.sweep.record import Recorder
 
 SCRATCH_FOLDER = ".memo"  # work shared by Ray tasks and exported ONNX models; removed once every row is recorded
 LABEL_SPACES = {"cifar10": "cifar10", "cifar100": "cifar100", "imagenet": "imagenet", "imagenette": "imagenet"}
@@ -128,7 +132,7 @@ def run_sweep(config: SweepConfig, out: str | Path, *, data_root: str | Path | N
         raise SweepError(f"a Ray sweep on {device} must give its tasks a GPU: pass --gpus-per-task (1: a card per "
                          "task; 0.25: four share one, 15 % slower in total than one task for MobileNetV2 on an H100) "
                          "or set [execution] gpus_per_task")
-    settings = Settings(config, data.data_root(data_root).resolve(),
+    settings = Settings(config, datasets.data_root(data_root).resolve(),
                         None if models_dir is None else Path(models_dir).resolve(), device,
                         progress and execution.ray is None, (out / SCRATCH_FOLDER).resolve(), cache)
     loaded, usable = check_models(config, settings.models_dir)
@@ -140,7 +144,7 @@ def run_sweep(config: SweepConfig, out: str | Path, *, data_root: str | Path | N
         if execution.ray is None:
             finished = execute_locally(units, settings, Resources(settings, loaded))
         else:
-            from clebench.distributed import execute_on_ray  # Ray is an optional extra
+            from clebench.sweep.distributed import execute_on_ray  # Ray is an optional extra
 
             finished = execute_on_ray(units, settings, out / SCRATCH_FOLDER, address=_ray_address(execution.ray),
                                      gpus_per_task=execution.gpus_per_task)
@@ -192,6 +196,6 @@ def uses_onnxruntime(config: SweepConfig) -> bool:
 
 
 def _runtime_info() -> dict:
-    from clebench.onnxruntime_engine import runtime_info  # the onnx extra
+    from clebench.runtimes.onnxruntime import runtime_info  # the onnx extra
 
     return runtime_info()

@@ -1,7 +1,7 @@
 """Image data sets decoded once into a memory-mapped file, with deterministic class-balanced subsets.
 
 A sweep evaluates the same images many times, so ``load_images`` decodes, resizes and center-crops them once
-(``clebench.decode``) into one uint8 array [N, 3, H, W] in the on-disk image cache (``clebench.image_cache``),
+(``clebench.data.decode``) into one uint8 array [N, 3, H, W] in the on-disk image cache (``clebench.data.image_cache``),
 which later loads, in any process, map instead of decoding; ``batches`` normalises slices of it on the fly.
 
 Data sets (``list_datasets()``), found under a data root (argument, else env CLEBENCH_DATA):
@@ -35,8 +35,8 @@ import torch
 import torchvision
 from PIL import Image
 
-from clebench import image_cache
-from clebench.decode import decode_into
+from clebench.data import image_cache
+from clebench.data.decode import decode_into
 from clebench.models import Preprocessing
 
 __all__ = ["ImageSet", "list_datasets", "data_root", "load_images", "to_device", "batches", "balanced_subset"]
@@ -364,7 +364,7 @@ def load_images(dataset: str, split: str | os.PathLike, root: str | os.PathLike 
     download: let torchvision fetch cifar10 / cifar100 / imagenette when they are not under ``root``.
     skip_unreadable: leave undecodable files out (listed in ``ImageSet.skipped``) instead of raising.
     wnid_to_idx: wnid -> ImageNet-1k index (JSON file or dict) for imagenet / imagenette.
-    cache: map the decoded images from the on-disk cache (``clebench.image_cache``), decoding them into it first if
+    cache: map the decoded images from the on-disk cache (``clebench.data.image_cache``), decoding them into it first if
         they are not there; False decodes into a temporary file instead. Either way ``images`` maps a file
         (copy-on-write), so a large set stays out of anonymous memory. cache_dir: the cache folder (default: env
         CLEBENCH_CACHE, else ~/.cache/clebench).

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from clebench import steps
-from clebench.config import ModelSpec, SweepConfig
-from clebench.results import RowKey
+from clebench.sweep import steps
+from clebench.sweep.config import ModelSpec, SweepConfig
+from clebench.sweep.results import RowKey
 
 GRANULARITIES = ("prefix", "model")
 

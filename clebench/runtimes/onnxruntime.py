@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from clebench.evaluation import accuracy, evaluate
-from clebench.export import cached_export, require
+from clebench.runtimes.export import cached_export, require
 from clebench.quant.sim import QuantSim
 
 MODES = ("sim", "int8")
@@ -58,7 +58,7 @@ def make_session(path: str | os.PathLike, mode: str, threads: int | None = None,
     state = ort.capi.onnxruntime_pybind11_state
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"ONNX model {path} does not exist; write it with clebench.export.export_onnx")
+        raise FileNotFoundError(f"ONNX model {path} does not exist; write it with clebench.runtimes.export.export_onnx")
     try:
         return ort.InferenceSession(str(path), session_options(mode, threads, optimized_path),
                                     providers=["CPUExecutionProvider"])

@@ -7,7 +7,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from clebench import graph, steps
+from clebench import graph
+
+from clebench.sweep import steps
 from clebench.bias_correction import correct_bias
 from clebench.models import load_model
 from clebench.quant import QuantConfig, QuantSim

@@ -21,15 +21,19 @@ import pandas as pd
 import torch
 from torch import nn
 
-from clebench import data, graph, ranges, steps
+from clebench import graph, ranges
+
+from clebench.data import datasets
+
+from clebench.sweep import steps
 from clebench.bias_correction import correct_bias
-from clebench.config import FIRST_DEPTHWISE, ModelSpec, SweepConfig
+from clebench.sweep.config import FIRST_DEPTHWISE, ModelSpec, SweepConfig
 from clebench.evaluation import agreement, evaluate
 from clebench.models import Preprocessing, load_model, model_preprocessing
-from clebench.plan import WorkUnit, combination_of
+from clebench.sweep.plan import WorkUnit, combination_of
 from clebench.precision import fp32_precision
 from clebench.quant import QuantConfig, QuantSim
-from clebench.results import RowKey, labels_name, prediction_name
+from clebench.sweep.results import RowKey, labels_name, prediction_name
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,7 @@ class Settings:
     device: str = "cpu"
     progress: bool = True
     scratch: Path | None = None  # where exported ONNX models are kept (a folder every worker sees)
-    cache: bool = True  # decoded images through the on-disk image cache (clebench.image_cache)
+    cache: bool = True  # decoded images through the on-disk image cache (clebench.data.image_cache)
 
 
 @dataclass
@@ -130,8 +134,8 @@ class ModelInputs:
 
     base: steps.PipelineState
     preprocessing: Preprocessing
-    eval_set: data.ImageSet
-    calibration_set: data.ImageSet
+    eval_set: datasets.ImageSet
+    calibration_set: datasets.ImageSet
     calibration_batches: list[tuple[torch.Tensor, torch.Tensor]]  # normalized once, reused by every quantized row
 
 
@@ -141,7 +145,7 @@ class Resources:
     def __init__(self, settings: Settings, loaded: dict[str, nn.Module] | None = None) -> None:
         self.settings = settings
         self._loaded = dict(loaded or {})
-        self._images: dict[tuple, data.ImageSet] = {}
+        self._images: dict[tuple, datasets.ImageSet] = {}
         self._inputs: dict[str, ModelInputs] = {}
 
     def inputs(self, spec: ModelSpec) -> ModelInputs:
@@ -160,18 +164,18 @@ class Resources:
         eval_set = self._image_set(config.data.eval_split, config.data.limit, preprocessing)
         calibration_set = self._image_set(config.data.calibration_split, config.data.calibration, preprocessing)
         base = steps.PipelineState(graph.prepare_model(model).to(settings.device).eval())
-        calibration_batches = list(data.batches(calibration_set, config.data.batch_size, preprocessing, settings.device))
+        calibration_batches = list(datasets.batches(calibration_set, config.data.batch_size, preprocessing, settings.device))
         return ModelInputs(base, preprocessing, eval_set, calibration_set, calibration_batches)
 
-    def _image_set(self, split: str, limit: int | None, preprocessing: Preprocessing) -> data.ImageSet:
+    def _image_set(self, split: str, limit: int | None, preprocessing: Preprocessing) -> datasets.ImageSet:
         key = (split, limit, preprocessing.resize, preprocessing.crop, preprocessing.interpolation)
         if key not in self._images:
             config = self.settings.config
-            self._images[key] = data.load_images(
+            self._images[key] = datasets.load_images(
                 config.data.dataset, split, self.settings.data_root, preprocessing, limit=limit, seed=config.data.seed,
                 download=config.data.download, progress=self.settings.progress, cache=self.settings.cache,
             )
-            self._images[key] = data.to_device(self._images[key], self.settings.device)
+            self._images[key] = datasets.to_device(self._images[key], self.settings.device)
         return self._images[key]
 
 
@@ -243,7 +247,7 @@ class _UnitRun:
         self.result.work.rows += 1
 
     def _evaluate(self, model: nn.Module, desc: str) -> dict:
-        batches = data.batches(self.inputs.eval_set, self.settings.config.data.batch_size, self.inputs.preprocessing,
+        batches = datasets.batches(self.inputs.eval_set, self.settings.config.data.batch_size, self.inputs.preprocessing,
                                self.device)
         return evaluate(model, batches, self.device, progress=self.settings.progress, desc=desc)
 
@@ -286,9 +290,9 @@ class _UnitRun:
         """The simulation on torch, or exported and run by ONNX Runtime (engine of onnxruntime_engine.ENGINES)."""
         if engine == "torch":
             return self._evaluate(sim.model, desc)
-        from clebench.onnxruntime_engine import evaluate_quantized  # the onnx extra
+        from clebench.runtimes.onnxruntime import evaluate_quantized  # the onnx extra
 
-        batches = data.batches(self.inputs.eval_set, self.settings.config.data.batch_size, self.inputs.preprocessing)
+        batches = datasets.batches(self.inputs.eval_set, self.settings.config.data.batch_size, self.inputs.preprocessing)
         return evaluate_quantized(sim, self.inputs.calibration_batches[0][0][:1].cpu(), batches, engine=engine,
                                   workdir=self.settings.scratch / "onnx", threads=torch.get_num_threads(),
                                   progress=self.settings.progress, desc=desc)

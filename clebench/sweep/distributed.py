@@ -1,7 +1,7 @@
 """Execute a sweep's work units as Ray tasks (the `ray` extra): on this machine or on a running Ray cluster.
 
 Each unit is one task. Ray schedules them on the CPUs / GPUs it has, retries a task whose worker process died, and
-returns results as they finish; the driver records them (clebench.record), so rows land as soon as their unit is done.
+returns results as they finish; the driver records them (clebench.sweep.record), so rows land as soon as their unit is done.
 Workers read data and checkpoints from the paths in `Settings` (every node must see them: a shared file system or
 the same folder on each node) and share fingerprint-keyed work through a `DiskMemo` beside the results.
 """
@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from clebench.errors import MissingExtraError, UserError
-from clebench.execute import DiskMemo, Resources, Settings, UnitResult, execute_unit
-from clebench.plan import WorkUnit
+from clebench.sweep.execute import DiskMemo, Resources, Settings, UnitResult, execute_unit
+from clebench.sweep.plan import WorkUnit
 
 TASK_RETRIES = 3  # a unit whose worker process dies is re-run up to this often; an exception in it is not retried
 _RESOURCES: dict[Settings, Resources] = {}  # per worker process: checkpoints and images stay loaded between tasks

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clebench import results
+from clebench.sweep import results
 from clebench.errors import UserError
-from clebench.execute import UnitResult, Work
-from clebench.results import RowKey
+from clebench.sweep.execute import UnitResult, Work
+from clebench.sweep.results import RowKey
 
 
 class RecordError(UserError):

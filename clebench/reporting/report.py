@@ -21,8 +21,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import LogFormatter, MaxNLocator
 
-from clebench.results import CHANNEL_RANGES_COLUMNS, KEY_COLUMNS, RANGES_COLUMNS, RESULT_COLUMNS
-from clebench.steps import NO_STEPS, STEP_ORDER
+from clebench.sweep.results import CHANNEL_RANGES_COLUMNS, KEY_COLUMNS, RANGES_COLUMNS, RESULT_COLUMNS
+from clebench.sweep.steps import NO_STEPS, STEP_ORDER
 
 STEP_LABELS = {
     "bn_fold": "BN fold",

@@ -19,7 +19,7 @@ Write a baseline once, commit it, then gate every run:
 
 or, in your own pytest suite:
 
-    from clebench.regression import assert_no_regression
+    from clebench.reporting.regression import assert_no_regression
 
     def test_cle_accuracy():
         assert_no_regression("runs/cifar10_ci", "results/cifar10_ci/baseline.json", tolerance=0.5)
@@ -35,9 +35,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from clebench import results
-from clebench.config import load_config
-from clebench.results import KEY_COLUMNS, RESULT_COLUMNS, RowKey
+from clebench.sweep import results
+from clebench.sweep.config import load_config
+from clebench.sweep.results import KEY_COLUMNS, RESULT_COLUMNS, RowKey
 
 DEVICE_KEYS = ("device", "device_name", "precision")  # what meta.json and a baseline record about the hardware
 DEFAULT_MIN_IMAGES = 3

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from clebench import steps
+from clebench.sweep import steps
 from clebench.errors import UserError
 from clebench.quant import QuantConfig
 
@@ -105,7 +105,7 @@ class ExecutionSpec:
 
     ray: str | None = None  # None: in this process; "local": a Ray started here; "auto" / "HOST:PORT": a cluster
     gpus_per_task: float = 0.0  # fraction of a GPU each Ray task reserves
-    unit: str = "prefix"  # work-unit granularity (clebench.plan.GRANULARITIES)
+    unit: str = "prefix"  # work-unit granularity (clebench.sweep.plan.GRANULARITIES)
 
 
 @dataclass(frozen=True)
