@@ -21,8 +21,8 @@ from torch import fx, nn
 from torch.func import functional_call
 from tqdm import tqdm
 
-from clebench import graph, layers
-from clebench.activations import functional_relu6_bound, relu6_upper_bound
+from clebench import graph, layers, ops
+from clebench.ops import functional_relu6_bound, relu6_upper_bound
 from clebench.cross_layer_equalization import ClsSetInfo
 from clebench.quant.config import QuantConfig
 from clebench.quant.encoding import quantize_weight
@@ -129,11 +129,11 @@ def _producer(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[nn.Module, 
         module = graph.module_of(source, modules)
         if layers.is_layer(module):
             return module, activation
-        if graph.activation_kind(source, modules) is not None:
+        if ops.activation_kind(source, modules) is not None:
             if activation is not None:
                 return None  # two nonlinearities: the input is no longer a clipped normal
             activation = source
-        elif not graph.is_transparent(source, modules):
+        elif not ops.is_identity(source, modules):
             return None
         source = source.args[0]
     return None
@@ -165,7 +165,7 @@ def _activation_mean(mean: torch.Tensor, std: torch.Tensor, node: fx.Node | None
     if isinstance(module, nn.PReLU):  # prelu(x) = max(x, 0) - a max(-x, 0)
         slope = module.weight.detach().to(mean)
         return relu_normal_mean(mean, std) - slope * relu_normal_mean(-mean, std)
-    if graph.activation_kind(node, modules) == "relu6":
+    if ops.activation_kind(node, modules) == "relu6":
         if module is not None:
             upper = relu6_upper_bound(module)
         else:

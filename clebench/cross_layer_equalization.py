@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from clebench import graph, layers, utils
-from clebench.activations import ChannelClippedReLU, relu6_upper_bound
+from clebench import graph, layers, ops, utils
+from clebench.activations import ChannelClippedReLU
+from clebench.ops import relu6_upper_bound
 from clebench.batch_norm_fold import backward_fold_map, fold_all_batch_norms
 from clebench.graph import Relu6Policy
 from clebench.layers import describe
@@ -203,7 +204,7 @@ def _check_clip_sites(gm: fx.GraphModule, relu6: Relu6Policy) -> None:
     blockers = [
         f"{node.target} (called at {sites[node.target]} places)" if node.op == "call_module" else f"functional {node.name}"
         for node in gm.graph.nodes
-        if graph.activation_kind(node, modules) == "relu6" and (node.op != "call_module" or sites[node.target] > 1)
+        if ops.activation_kind(node, modules) == "relu6" and (node.op != "call_module" or sites[node.target] > 1)
     ]
     if blockers:
         raise ValueError(

@@ -16,23 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from clebench import layers
+from clebench import layers, ops
 from clebench.errors import UserError
-from clebench.activations import (
-    RELU6_FUNCTIONS,
-    RELU_FUNCTIONS,
-    RELU_METHODS,
-    RELU_MODULES,
-    ChannelClippedReLU,
-    functional_relu6_bound,
-    relu6_upper_bound,
-)
 
 Relu6Policy = Literal["replace", "keep", "clip"]
 RELU6_POLICIES: tuple[str, ...] = ("replace", "keep", "clip")
-LEAF_TYPES = layers.LAYER_TYPES + layers.BN_TYPES + RELU_MODULES + (nn.Hardtanh, ChannelClippedReLU)
-TRANSPARENT_TYPES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
-TRANSPARENT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
 
 
 def check_relu6_policy(relu6: str) -> None:
@@ -46,7 +34,7 @@ class UntraceableModelError(UserError):
 
 class _LeafTracer(fx.Tracer):
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, LEAF_TYPES) or super().is_leaf_module(module, qualified_name)
+        return isinstance(module, ops.LEAF_TYPES) or super().is_leaf_module(module, qualified_name)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -105,33 +93,9 @@ def module_of(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
     return modules.get(node.target) if node.op == "call_module" else None
 
 
-def activation_kind(node: fx.Node, modules: dict[str, nn.Module]) -> Literal["relu", "relu6"] | None:
-    """'relu' for ReLU/PReLU (module, function or method), 'relu6' for ReLU6-like clips, else None."""
-    module = module_of(node, modules)
-    if module is not None:
-        if isinstance(module, RELU_MODULES):
-            return "relu"
-        return "relu6" if relu6_upper_bound(module) is not None else None
-    if node.op == "call_function":
-        if node.target in RELU_FUNCTIONS:
-            return "relu"
-        if node.target in RELU6_FUNCTIONS and functional_relu6_bound(node.target, node.args, node.kwargs) is not None:
-            return "relu6"
-    if node.op == "call_method" and node.target in RELU_METHODS:
-        return "relu"
-    return None
-
-
-def is_transparent(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Identity-like in eval mode and channel-wise positive-homogeneous: CLS may look through it."""
-    if node.op == "call_function" and node.target in TRANSPARENT_FUNCTIONS:
-        return True
-    return isinstance(module_of(node, modules), TRANSPARENT_TYPES)
-
-
 def _only_input(node: fx.Node) -> fx.Node | None:
     inputs = node.all_input_nodes
-    if node.op == "call_function" and node.target in RELU_FUNCTIONS and len(inputs) == 2:
+    if node.op == "call_function" and ops.activation_kind(node, {}) == "relu" and len(inputs) == 2:
         inputs = inputs[:1]  # F.prelu(x, weight): the weight is a get_attr node, not data
     return inputs[0] if len(inputs) == 1 else None
 
@@ -231,10 +195,10 @@ def _next_hop(node: fx.Node, modules: dict[str, nn.Module], single_use: set[str]
             if layers.in_channels(candidate) != layers.out_channels(layer):
                 return None
             return Hop(node.target, user.target, tuple(activations))
-        kind = activation_kind(user, modules)
+        kind = ops.activation_kind(user, modules)
         if kind == "relu" or (kind == "relu6" and relu6 == "clip"):
             activations.append(user)
-        elif not is_transparent(user, modules):
+        elif not ops.is_identity(user, modules):
             return None
         current = user
     return None
@@ -295,7 +259,7 @@ def output_ranks(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> dict[s
 
         return hook
 
-    hooks = [module.register_forward_hook(record(name)) for name, module in gm.named_modules() if isinstance(module, LEAF_TYPES)]
+    hooks = [module.register_forward_hook(record(name)) for name, module in gm.named_modules() if isinstance(module, ops.LEAF_TYPES)]
     was_training = gm.training
     try:
         with torch.no_grad():
@@ -338,7 +302,7 @@ def prepare_model(model: nn.Module) -> fx.GraphModule:
     modules = dict(gm.named_modules())
     seen: set[str] = set()
     for node in list(gm.graph.nodes):
-        kind = activation_kind(node, modules)
+        kind = ops.activation_kind(node, modules)
         if kind is None or node.op == "call_method":
             continue
         module = module_of(node, modules)
@@ -365,7 +329,7 @@ def _activation_module(node: fx.Node) -> nn.Module | None:
     if node.target in (torch.relu, torch.relu_, F.relu):
         inplace = inplace or (len(node.args) > 1 and bool(node.args[1]))
         return nn.ReLU(inplace=inplace)
-    bound = functional_relu6_bound(node.target, node.args, node.kwargs)
+    bound = ops.functional_relu6_bound(node.target, node.args, node.kwargs)
     if bound is None:
         return None  # functional PReLU keeps its weight node; leave it functional
     positional_inplace = {F.relu6: 1, F.hardtanh: 3}.get(node.target)

@@ -19,10 +19,12 @@ import math
 import os
 import platform
 import re
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,21 +32,16 @@ import torchvision
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from clebench import graph, layers
+from clebench import graph, layers, ops
 from clebench.batch_norm_fold import fold_all_batch_norms
 from clebench.cross_layer_equalization import ClsSetInfo, CrossLayerScaling, equalize_model
 from clebench.errors import UserError
 
 TOLERANCE = 1e-4  # max|dy| / max|y| allowed for BN fold + CLS, which are exact up to float32 rounding
 MIN_INPUT = 64
+EXPORT_INPUTS = 8
+EXPORT_STEPS = 2  # ONNX Runtime's float kernels must reproduce the torch simulation's logits within this many steps
 
-LAYER_FUNCTIONS = {
-    torch.conv1d, torch.conv2d, torch.conv3d,
-    torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d,
-    F.linear,
-}  # fmt: skip
-RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_, F.prelu, torch.prelu}
-DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.dropout}
 
 
 @dataclass
@@ -56,6 +53,17 @@ class PolicyResult:
     links: tuple[int, int] = (0, 0)  # (reference links, clebench hops)
     sets: tuple[int, int] = (0, 0)  # (pairs, triples) scaled
     rel: float = float("nan")  # after BN fold + CLS
+
+
+@dataclass
+class ExportResult:
+    """The BN-folded + CLS + HBF model as a W8A8 per-tensor QuantSim, exported to ONNX and run by ONNX Runtime's
+    float kernels ("sim" mode) on EXPORT_INPUTS random inputs: its logits against the torch simulation's."""
+
+    exported: bool | None = None  # None: not tried (the onnx extra is missing, or an earlier check failed)
+    error: str = ""  # the ExportError users see
+    max_steps: float = float("nan")  # max |ONNX Runtime - torch sim| of the logits, in output-quantizer steps
+    share_over_2_steps: float = float("nan")  # fraction of logits more than 2 steps apart
 
 
 @dataclass
@@ -71,6 +79,7 @@ class ZooResult:
     clip: PolicyResult = field(default_factory=PolicyResult)
     rel_hbf: float = float("nan")
     finite: bool = True
+    export: ExportResult = field(default_factory=lambda: ExportResult())
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
 
@@ -99,15 +108,39 @@ def randomize_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+def _efficientnet_lite0() -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet  # the zoo extra
+
+    return EfficientNet.from_name("efficientnet-lite0")
+
+
+def _tonylins() -> nn.Module:
+    from clebench.models.mobilenet_v2_tonylins import MobileNetV2
+
+    return MobileNetV2()
+
+
+def _project_models() -> dict[str, tuple[Callable[[], nn.Module], int]]:
+    """clebench's own architectures (random weights) and their input sides."""
+    from clebench.models.cifar import mobilenet_v2_cifar10, resnet18_cifar10
+
+    return {"resnet18_cifar10": (resnet18_cifar10, 32), "mobilenet_v2_cifar10": (mobilenet_v2_cifar10, 32),
+            "efficientnet_lite0": (_efficientnet_lite0, MIN_INPUT), "mobilenet_v2_tonylins": (_tonylins, 224)}
+
+
 def input_size(name: str) -> int:
-    """max(MIN_INPUT, the smallest side any of the model's torchvision weights accepts)."""
+    """A project model's own input side, else max(MIN_INPUT, the smallest side its torchvision weights accept)."""
+    if name in _project_models():
+        return _project_models()[name][1]
     sizes = [w.meta["min_size"][0] for w in torchvision.models.get_model_weights(name)]
     return max(MIN_INPUT, min(sizes))
 
 
 def build(name: str) -> nn.Module:
     torch.manual_seed(0)
-    return randomize_batch_norms(torchvision.models.get_model(name, weights=None))
+    project = _project_models().get(name)
+    model = project[0]() if project is not None else torchvision.models.get_model(name, weights=None)
+    return randomize_batch_norms(model)
 
 
 def _tensors(value) -> list[torch.Tensor]:
@@ -137,22 +170,29 @@ class _OpRecorder(TorchFunctionMode):
 
 
 def _activation(func: Callable, args: tuple, kwargs: dict) -> str | None:
-    if func in RELU_FUNCTIONS:
+    op = ops.function_op(func)
+    if op is None or op.role != "activation":
+        return None
+    if op.family == "relu":
         return "relu"
-    if func is F.relu6:
-        return "relu6"
-    if func is F.hardtanh:
-        low = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
-        high = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
-        return "relu6" if low == 0.0 and high > 0.0 else None
-    return None
+    return "relu6" if op.family == "clip" and ops.functional_relu6_bound(func, args, kwargs) is not None else None
+
+
+def _role(func: Callable) -> str | None:
+    op = ops.function_op(func)
+    return None if op is None else op.role
+
+
+def _is_layer_call(func: Callable) -> bool:
+    op = ops.function_op(func)
+    return op is not None and op.name in ("functional_conv", "functional_linear")
 
 
 def reference_links(model: nn.Module, inputs: tuple[torch.Tensor, ...], relu6: bool) -> tuple[set[tuple[str, str]], list[torch.Tensor]]:
     """Layer pairs CLS may scale, found without fx: (layer1, layer2) module names, and the model's outputs.
 
     Runs the model eagerly and records each torch call. layer2's input must come from layer1 through nothing but
-    ReLU/PReLU (and ReLU6 / hardtanh(0, m) when `relu6`) and eval-mode dropout, each intermediate value read by
+    ReLU/PReLU (and ReLU6 / hardtanh(0, m) when `relu6`), zero padding and eval-mode dropout, each intermediate value read by
     exactly one op, both layers called once, scalable, and matching in channels and in Linear-ness.
     """
     owner = {id(module.weight): (name, module) for name, module in model.named_modules() if graph.is_scalable(module)}
@@ -166,7 +206,7 @@ def reference_links(model: nn.Module, inputs: tuple[torch.Tensor, ...], relu6: b
     for index, (func, args, kwargs, out) in enumerate(ops):
         sources.append([producer.get(id(t)) for t in _tensors(list(args) + list(kwargs.values()))])
         readers.update(s for s in sources[-1] if s is not None)
-        if func in LAYER_FUNCTIONS and id(args[1]) in owner:
+        if _is_layer_call(func) and id(args[1]) in owner:
             calls[owner[id(args[1])][0]] += 1
         for tensor in out:
             producer[id(tensor)] = index
@@ -174,7 +214,7 @@ def reference_links(model: nn.Module, inputs: tuple[torch.Tensor, ...], relu6: b
 
     def layer_at(index: int) -> tuple[str, nn.Module] | None:
         func, args, _, _ = ops[index]
-        found = owner.get(id(args[1])) if func in LAYER_FUNCTIONS and len(args) > 1 else None
+        found = owner.get(id(args[1])) if _is_layer_call(func) and len(args) > 1 else None
         return found if found is not None and calls[found[0]] == 1 else None
 
     links = set()
@@ -189,7 +229,8 @@ def reference_links(model: nn.Module, inputs: tuple[torch.Tensor, ...], relu6: b
                 break
             func, args, kwargs, _ = ops[source]
             kind = _activation(func, args, kwargs)
-            if not (kind == "relu" or (kind == "relu6" and relu6) or func in DROPOUT_FUNCTIONS):
+            if not (kind == "relu" or (kind == "relu6" and relu6) or _role(func) == "identity"
+                    or ops.is_zero_pad(func, args, kwargs)):
                 break
             source = sources[source][0]
     return links, outputs
@@ -276,6 +317,7 @@ def check(model: nn.Module, name: str, size: int) -> ZooResult:
         _check_finite(result, equalized, "hbf")
         if math.isnan(result.rel_hbf):
             result.problems.append("hbf: the output is NaN/inf")
+        result.export = check_export(equalized, size)
     except graph.UntraceableModelError as error:
         result.error = str(error)
     except Exception as error:  # the run must go on; an unexpected error is reported as a failure
@@ -284,6 +326,36 @@ def check(model: nn.Module, name: str, size: int) -> ZooResult:
         result.problems.append(f"unexpected {result.error}")
     result.seconds = time.perf_counter() - start
     return result
+
+
+def check_export(model: nn.Module, size: int) -> ExportResult:
+    """Export `model` as a calibrated W8A8 per-tensor QuantSim and compare ONNX Runtime's float kernels with the torch
+    simulation on EXPORT_INPUTS random 3x`size`x`size` inputs (the calibration data too)."""
+    from clebench.quant import QuantConfig, QuantSim
+    from clebench.runtimes.export import ExportError, export_onnx, require
+
+    try:
+        require("onnx"), require("onnxruntime")
+    except UserError:
+        return ExportResult()
+    from clebench.runtimes.onnxruntime import make_session
+
+    inputs = torch.randn(EXPORT_INPUTS, 3, size, size, generator=torch.Generator().manual_seed(2))
+    sim = QuantSim(model, inputs[:1], QuantConfig())
+    sim.calibrate([inputs], progress=False)
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = export_onnx(sim, inputs[:1], Path(folder) / "model.onnx")
+        except ExportError as error:
+            return ExportResult(False, str(error))
+        session = make_session(path, "sim", threads=1)
+        logits = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0])
+    with torch.no_grad():
+        expected = sim.model(inputs)
+    output = next(node for node in reversed(sim.model.graph.nodes) if node.op == "output").args[0]
+    step = float(sim.model.get_submodule(output.target).encoding.scale) if output.op == "call_module" else float("nan")
+    steps = (logits - expected).abs() / step
+    return ExportResult(True, "", float(steps.max()), float((steps > EXPORT_STEPS + 0.5).float().mean()))
 
 
 def check_model(name: str) -> ZooResult:
@@ -311,6 +383,18 @@ def _cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
+def _exported(export: ExportResult) -> str:
+    return {None: "-", True: "yes", False: "NO"}[export.exported]
+
+
+def _steps(value: float) -> str:
+    return "-" if value != value else f"{value:.0f}"
+
+
+def _percent(value: float) -> str:
+    return "-" if value != value else f"{100 * value:.3f} %"
+
+
 def render(results: list[ZooResult], command: str, threads: int, finished: bool) -> str:
     """The markdown report: header, summary, per-model table, problems and errors."""
     failures = [r for r in results if r.status == "FAIL"]
@@ -333,21 +417,34 @@ def render(results: list[ZooResult], command: str, threads: int, finished: bool)
         "- **links ref/cle**: layer pairs CLS may scale, found by an independent eager op recorder / by clebench's fx graph "
         "(they must be equal). **sets**: pairs/triples scaled. **BN**: folded/present (auxiliary heads, which eval mode "
         "never runs, keep theirs).",
+        f"- **exported**: the hbf model as a W8A8 per-tensor QuantSim (calibrated on {EXPORT_INPUTS} random inputs) through "
+        "`clebench.runtimes.export.export_onnx`; **ORT - sim**: max |ONNX Runtime (float kernels, QDQ fusion off) - torch "
+        f"simulation| of the logits on those {EXPORT_INPUTS} inputs, in steps of the output quantizer; **logits > 2 steps**: "
+        "the share of logits further apart. Both engines compute the same ops in float32 in different orders, so a value "
+        "near a rounding boundary can land one step apart, and with random weights such flips grow with depth.",
         "",
         f"**{len(results)} models: {len(results) - len(failures) - len(untraceable)} ok, {len(untraceable)} rejected with "
-        f"UntraceableModelError, {len(failures)} FAIL.**",
+        f"UntraceableModelError, {len(failures)} FAIL. Export: {sum(r.export.exported is True for r in results)} "
+        f"exported, {sum(r.export.exported is False for r in results)} refused; ONNX Runtime's float kernels within "
+        f"{EXPORT_STEPS} output-quantizer steps of the torch simulation on every logit for "
+        f"{sum(r.export.max_steps <= EXPORT_STEPS for r in results)}.**",
         "",
         "| model | S | traced | BN | rel fold | keep links ref/cle | keep sets | keep rel | clip links ref/cle | clip sets | "
-        "clip rel | hbf rel | finite | s | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "clip rel | hbf rel | finite | exported | ORT - sim (steps) | logits > 2 steps | s | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.model} | {r.input_size} | {'yes' if r.traceable else 'no'} | {r.keep.bn_folds}/{r.bn_total} | "
             f"{_number(r.keep.rel_fold)} | {_pair(r.keep.links)} | {_pair(r.keep.sets)} | {_number(r.keep.rel)} | "
             f"{_pair(r.clip.links)} | {_pair(r.clip.sets)} | {_number(r.clip.rel)} | {_number(r.rel_hbf)} | "
-            f"{'yes' if r.finite else 'NO'} | {r.seconds:.1f} | {r.status} |"
+            f"{'yes' if r.finite else 'NO'} | {_exported(r.export)} | {_steps(r.export.max_steps)} | "
+            f"{_percent(r.export.share_over_2_steps)} | {r.seconds:.1f} | {r.status} |"
         )
+    not_exported = [r for r in results if r.export.exported is False]
+    if not_exported:
+        lines += ["", "## Models that do not export (the error users see)", ""] + [
+            f"- {r.model}: {r.export.error}" for r in not_exported]
     if failures:
         lines += ["", "## Problems", ""] + [f"- {r.model}: {'; '.join(r.problems)}" for r in failures]
     if untraceable:
@@ -357,11 +454,12 @@ def render(results: list[ZooResult], command: str, threads: int, finished: bool)
 
 def select(patterns: list[str] | None) -> list[str]:
     """Model names matching any regex in `patterns` (all models if None); a pattern matching nothing is an error."""
-    names = torchvision.models.list_models(module=torchvision.models)
+    names = torchvision.models.list_models(module=torchvision.models) + list(_project_models())
     if not patterns:
         return names
     for pattern in patterns:
         if not any(re.fullmatch(pattern, n) for n in names):
             choices = ", ".join(names)
-            raise UserError(f"--models {pattern!r} matches no torchvision classification model; choose from: {choices}")
+            raise UserError(f"--models {pattern!r} matches no torchvision classification or clebench model; choose from: "
+                            f"{choices}")
     return [n for n in names if any(re.fullmatch(p, n) for p in patterns)]

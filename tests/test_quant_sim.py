@@ -11,7 +11,7 @@ import torchvision
 from conftest import randomize_batch_norms
 from torch import nn
 
-from clebench import graph
+from clebench import graph, ops
 from clebench.batch_norm_fold import fold_all_batch_norms
 from clebench.cross_layer_equalization import equalize_model
 from clebench.quant import ActivationQuantizer, QuantConfig, QuantSim, quantize_weight
@@ -271,10 +271,10 @@ def _assert_fused_activations_only(sim: QuantSim) -> None:
     """No quantizer sits between a layer / add and the activation that solely consumes it."""
     modules = dict(sim.model.named_modules())
     for node in sim.model.graph.nodes:
-        if graph.activation_kind(node, modules) is None:
+        if ops.activation_kind(node, modules) is None:
             continue
         source = node.args[0]
-        while graph.is_transparent(source, modules):
+        while ops.is_identity(source, modules):
             source = source.args[0]
         assert not isinstance(graph.module_of(source, modules), ActivationQuantizer), f"quantizer before {node.name}"
 
@@ -285,7 +285,7 @@ def _assert_one_quantizer_after_each_add(sim: QuantSim) -> None:
     assert adds
     for node in adds:
         (user,) = node.users
-        if graph.activation_kind(user, modules) is not None:
+        if ops.activation_kind(user, modules) is not None:
             (user,) = user.users
         assert isinstance(graph.module_of(user, modules), ActivationQuantizer), f"{node.name} is not quantized"
         assert not isinstance(graph.module_of(next(iter(user.users)), modules), ActivationQuantizer)

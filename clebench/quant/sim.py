@@ -5,8 +5,8 @@ Placement, on an fx trace of a deep copy (the given model is never modified):
   (layers, add, mul, concat, pooling, mean, activations, unfolded BN, ...);
 * except a layer or add whose output goes straight (through value-preserving ops only) and solely into a
   ReLU / ReLU6 / clip: that pair is one fused op, quantized after the activation;
-* and except value-preserving ops (reshape, flatten, dropout, identity, getitem, permute, ...), whose output is
-  already on their input's grid.
+* and except value-preserving ops (reshape, flatten, dropout, identity, getitem, permute, ...; roles in clebench.ops),
+  whose output is already on their input's grid.
 Conv / linear weights are fake-quantized once, when the sim is built; biases stay float unless int32_bias. Fold
 batch norms first (`batch_norm_fold.fold_all_batch_norms`) to simulate conv + BN as one op, as DFQ does.
 """
@@ -23,8 +23,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from tqdm import tqdm
 
-from clebench import graph, layers
-from clebench.activations import VALUE_PRESERVING_FUNCTIONS
+from clebench import graph, layers, ops
 from clebench.quant.config import QuantConfig
 from clebench.quant.encoding import (
     Encoding,
@@ -35,45 +34,15 @@ from clebench.quant.encoding import (
 )
 from clebench.quant.observers import MinMaxObserver, make_observer
 
-VALUE_PRESERVING_MODULES = graph.TRANSPARENT_TYPES + (nn.Flatten, nn.Unflatten)
-_VALUE_PRESERVING_FUNCTIONS = VALUE_PRESERVING_FUNCTIONS | {
-    torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose, torch.t, torch.movedim, torch.narrow,
-    torch.select, torch.split, torch.chunk, torch.unbind, torch.detach, torch.clone,
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
-}
-VALUE_PRESERVING_METHODS = {
-    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose", "t", "movedim",
-    "contiguous", "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "select", "split", "chunk", "unbind",
-    "detach", "clone",
-}
-ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
-ADD_METHODS = {"add", "add_"}
-
-
-def is_value_preserving(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """True for ops whose every output value is one of their input values (views, reshapes, eval-mode dropout...)."""
-    if node.op == "call_module":
-        return isinstance(modules[node.target], VALUE_PRESERVING_MODULES)
-    if node.op == "call_function":
-        return node.target in _VALUE_PRESERVING_FUNCTIONS
-    return node.op == "call_method" and node.target in VALUE_PRESERVING_METHODS
-
-
-def _is_add(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in ADD_FUNCTIONS) or (
-        node.op == "call_method" and node.target in ADD_METHODS
-    )
-
-
 def _fused_into_activation(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """A layer / add whose sole consumer (past value-preserving ops) is a ReLU-like activation."""
-    if not (layers.is_layer(graph.module_of(node, modules)) or _is_add(node)):
+    if not (layers.is_layer(graph.module_of(node, modules)) or ops.is_add(node, modules)):
         return False
     current = node
     while (user := graph.sole_user(current)) is not None:
-        if graph.activation_kind(user, modules) is not None:
+        if ops.activation_kind(user, modules) is not None:
             return True
-        if not is_value_preserving(user, modules):
+        if not ops.is_value_preserving(user, modules):
             return False
         current = user
     return False
@@ -92,9 +61,9 @@ def _needs_quantizer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_function" and node.target is operator.getitem:
         source = node.args[0]  # an item of a tuple-returning op that is not a split / chunk is new data
         return isinstance(source, fx.Node) and not (
-            isinstance(source.meta.get("tensor_meta"), TensorMetadata) or is_value_preserving(source, modules)
+            isinstance(source.meta.get("tensor_meta"), TensorMetadata) or ops.is_value_preserving(source, modules)
         )
-    return not (is_value_preserving(node, modules) or _fused_into_activation(node, modules))
+    return not (ops.is_value_preserving(node, modules) or _fused_into_activation(node, modules))
 
 
 class ActivationQuantizer(nn.Module):
@@ -318,7 +287,7 @@ class QuantSim:
         while isinstance(source, fx.Node):
             if isinstance(graph.module_of(source, modules), ActivationQuantizer):
                 return source.target.rpartition(".")[2]
-            if not is_value_preserving(source, modules):
+            if not ops.is_value_preserving(source, modules):
                 break
             source = source.args[0]
         raise ValueError(

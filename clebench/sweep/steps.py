@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from clebench import graph, utils
+from clebench import graph, ops, utils
 from clebench.errors import UserError
 from clebench.batch_norm_fold import backward_fold_map, fold_all_batch_norms
 from clebench.cross_layer_equalization import ClsSetInfo, CrossLayerScaling, HighBiasFold
@@ -98,7 +98,7 @@ def check_for_model(combination: Combination, model: nn.Module, model_name: str)
 def has_relu6(model: nn.Module) -> bool:
     gm = graph.trace(model)
     modules = dict(gm.named_modules())
-    return any(graph.activation_kind(node, modules) == "relu6" for node in gm.graph.nodes)
+    return any(ops.activation_kind(node, modules) == "relu6" for node in gm.graph.nodes)
 
 
 def apply_fp32_step(step: str, state: PipelineState) -> bool:
