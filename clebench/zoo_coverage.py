@@ -198,12 +198,12 @@ def reference_links(model: nn.Module, inputs: tuple[torch.Tensor, ...], relu6: b
     owner = {id(module.weight): (name, module) for name, module in model.named_modules() if graph.is_scalable(module)}
     with torch.no_grad(), _OpRecorder() as recorder:
         outputs = _tensors(model(*inputs))
-    ops = recorder.ops
+    recorded = recorder.ops
     producer: dict[int, int] = {}
     sources: list[list[int | None]] = []  # per op: the producing op of each tensor argument, at call time
     readers: Counter = Counter()
     calls: Counter = Counter()
-    for index, (func, args, kwargs, out) in enumerate(ops):
+    for index, (func, args, kwargs, out) in enumerate(recorded):
         sources.append([producer.get(id(t)) for t in _tensors(list(args) + list(kwargs.values()))])
         readers.update(s for s in sources[-1] if s is not None)
         if _is_layer_call(func) and id(args[1]) in owner:
@@ -213,12 +213,12 @@ def reference_links(model: nn.Module, inputs: tuple[torch.Tensor, ...], relu6: b
     readers.update(producer[id(t)] for t in outputs if id(t) in producer)
 
     def layer_at(index: int) -> tuple[str, nn.Module] | None:
-        func, args, _, _ = ops[index]
+        func, args, _, _ = recorded[index]
         found = owner.get(id(args[1])) if _is_layer_call(func) and len(args) > 1 else None
         return found if found is not None and calls[found[0]] == 1 else None
 
     links = set()
-    for index in range(len(ops)):
+    for index in range(len(recorded)):
         second = layer_at(index)
         source = sources[index][0] if second is not None else None
         while source is not None and readers[source] == 1:
@@ -227,7 +227,7 @@ def reference_links(model: nn.Module, inputs: tuple[torch.Tensor, ...], relu6: b
                 if _linkable(first[1], second[1]):
                     links.add((first[0], second[0]))
                 break
-            func, args, kwargs, _ = ops[source]
+            func, args, kwargs, _ = recorded[source]
             kind = _activation(func, args, kwargs)
             if not (kind == "relu" or (kind == "relu6" and relu6) or _role(func) == "identity"
                     or ops.is_zero_pad(func, args, kwargs)):

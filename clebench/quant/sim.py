@@ -132,7 +132,7 @@ class QuantSim:
             raise TypeError(f"config must be a clebench.quant.QuantConfig, got {type(config).__name__}")
         self.config = config
         try:
-            gm = graph.trace(copy.deepcopy(graph.unwrap(model))).eval()
+            gm = graph.trace(copy.deepcopy(graph.unwrap(model)).eval()).eval()  # eval first: fx bakes self.training in
         except graph.UntraceableModelError as error:
             raise ValueError(
                 f"QuantSim places quantizers on a torch.fx trace of the model, and {type(model).__name__} cannot be "
