@@ -191,3 +191,15 @@ def test_the_op_table_is_the_only_list_and_classifies_what_the_zoo_uses():
     assert ops.function_op(operator.add).role == "compute" and ops.function_op(torch.flatten).role == "value_preserving"
     assert ops.METHOD_OPS["contiguous"].role == "identity" and ops.METHOD_OPS["size"].role == "shape"
     assert ops.function_op(F.hardtanh) is ops.CLIP and ops.functional_relu6_bound(F.hardtanh, (None, -1.0, 1.0), {}) is None
+
+
+def test_16_bit_grids_move_the_graph_to_opset_21_with_reductions_taking_axes_as_an_input(tmp_path):
+    sim = QuantSim(Fn(EXACT["mean_channels"]).eval(), INPUT, QuantConfig(act_bits=16))
+    sim.set_activation_ranges({name: (-8.0, 8.0 - 2**-12) for name in sim.quantizer_names()
+                               if not name.endswith((".weight", ".bias"))})  # scale 2^-12: still exact
+    actual, expected = run_both(sim, tmp_path)
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    assert model.opset_import[0].version == 21
+    (reduce,) = [node for node in model.graph.node if node.op_type == "ReduceMean"]
+    assert len(reduce.input) == 2 and not reduce.attribute[0].name == "axes"
+    assert torch.equal(actual, expected)

@@ -85,12 +85,12 @@ def _container(bits: int, signed: bool) -> type:
 class _Builder:
     """Collects ONNX nodes and initializers with unique tensor names."""
 
-    def __init__(self) -> None:
+    def __init__(self, opset: int) -> None:
         self.onnx = require("onnx")
         self.nodes: list = []
         self.initializers: list = []
         self._names: set[str] = set()
-        self.opset = 17
+        self.opset = opset
 
     def name(self, base: str) -> str:
         name, i = base, 0
@@ -101,11 +101,16 @@ class _Builder:
         return name
 
     def constant(self, base: str, array: np.ndarray) -> str:
-        if array.dtype in (np.int16, np.uint16):
-            self.opset = 21  # 16-bit QuantizeLinear / DequantizeLinear
         name = self.name(base)
         self.initializers.append(self.onnx.numpy_helper.from_array(np.asarray(array, order="C"), name))  # keeps 0-D
         return name
+
+    def reduce(self, op: str, source: str, axes: list[int], keepdims: bool, output: str) -> str:
+        """ReduceMean / ReduceL2 ...: axes are an attribute up to opset 17, an input from opset 18."""
+        if self.opset >= 18:
+            axes_name = self.constant(f"{output}_axes", np.array(axes, dtype=np.int64))
+            return self.node(op, [source, axes_name], output, keepdims=int(keepdims))
+        return self.node(op, [source], output, axes=axes, keepdims=int(keepdims))
 
     def node(self, op: str, inputs: list[str], output: str, **attributes) -> str:
         output = self.name(output)
@@ -248,7 +253,8 @@ class _Exporter:
         self.encodings = sim.encodings()
         self.int32_bias = int32_bias
         self.dummy = dummy
-        self.builder = _Builder()
+        wide = any(entry["bits"] > 8 for entry in self.encodings.values() if entry["kind"] != "bias")
+        self.builder = _Builder(opset=21 if wide else 17)  # 16-bit QuantizeLinear / DequantizeLinear need opset 21
         self.values: dict[fx.Node, object] = {}
         self.constants: dict[int, str] = {}  # id of a folded tensor -> its initializer
         self.inputs: list = []
@@ -797,7 +803,7 @@ class _Exporter:
             pooled = self.builder.node("GlobalAveragePool", [value.name],
                                        node.name if keepdim else f"{node.name}_pooled")
             return _Value(pooled) if keepdim else self.flatten_pooled(node, pooled)
-        return _Value(self.builder.node("ReduceMean", [value.name], node.name, axes=axes, keepdims=int(keepdim)))
+        return _Value(self.builder.reduce("ReduceMean", value.name, axes, keepdim, node.name))
 
     def flatten_pooled(self, node: fx.Node, pooled: str) -> _Value:
         return _Value(self.builder.node("Reshape", [pooled, self.int64(node, self.output_shape(node))], node.name))
@@ -1053,7 +1059,7 @@ class _Exporter:
 
     def l2_normalize(self, node: fx.Node, x: str, label: str) -> str:
         """F.normalize(x, dim=-1): x / max(||x||_2, 1e-12)."""
-        norm = self.builder.node("ReduceL2", [x], f"{node.name}_{label}_norm", axes=[-1], keepdims=1)
+        norm = self.builder.reduce("ReduceL2", x, [-1], True, f"{node.name}_{label}_norm")
         floor = self.builder.constant(f"{node.name}_eps", np.array(1e-12, np.float32))
         return self.builder.node("Div", [x, self.builder.node("Max", [norm, floor], f"{node.name}_{label}_floor")],
                                  f"{node.name}_{label}_normalized")
