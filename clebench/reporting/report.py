@@ -3,8 +3,11 @@
 results.csv         -> results.md (the DFQ paper's Table 1 per model) and accuracy_<model>.png
 ranges.csv          -> range_ratio_<model>.png (per-layer range ratio before / after cross-layer scaling)
 channel_ranges.csv  -> fig2_channel_ranges_<model>.png (the paper's Fig. 2: per-channel weight ranges of one layer)
+cle_sets.csv, cle_skipped.csv, sensitivity.csv (when present) -> tables, and sensitivity.png
+all of the above + meta.json -> report.html, one self-contained page (clebench.reporting.html)
 
-Partial results (a sweep still running or interrupted) give partial tables and plots: a missing cell shows as "—".
+Partial results (a sweep still running or interrupted) give partial tables and plots: a missing cell shows as "—",
+and a file that cannot be read is named on report.html instead of its section.
 Figures are drawn on `matplotlib.figure.Figure` objects (Agg canvas), so the caller's pyplot state is left alone.
 """
 from __future__ import annotations
@@ -253,6 +256,11 @@ def _save(figure: Figure, path: Path) -> Path:
 
 
 def plot_accuracy(group: pd.DataFrame, path: Path, title: str) -> Path:
+    """`accuracy_figure` saved to `path`; returns `path`."""
+    return _save(accuracy_figure(group, title), path)
+
+
+def accuracy_figure(group: pd.DataFrame, title: str) -> Figure:
     """Grouped dot chart of one model's rows: a band per step combination (pipeline order, top down), in it one dot per
     quant setting (quantized top-1, %; hollow: the same row on a deployed runtime, where recorded) and FP32 as a black
     bar. Dots, not lines: the step combinations are categories, not a continuum."""
@@ -284,7 +292,7 @@ def plot_accuracy(group: pd.DataFrame, path: Path, title: str) -> Path:
     ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
     figure.legend(loc="outside lower center", ncols=min(3, 1 + len(quants) * (1 + len(runtimes))), fontsize=8)
-    return _save(figure, path)
+    return figure
 
 
 def _draw_range_ratios(ax: Axes, frame: pd.DataFrame, label: str, color: str) -> None:
@@ -458,21 +466,25 @@ def _results_part(results_dir: Path) -> Part:
     return Part(fragments, written)
 
 
-def _ranges_part(results_dir: Path) -> Part:
-    """The range-ratio plot per model (ranges.csv) and the Fig. 2 box plot per model (channel_ranges.csv)."""
-    written, fragments = [], []
+def _range_ratio_part(results_dir: Path) -> Part:
+    """The range-ratio plot per model (ranges.csv)."""
     ranges = _optional_table(results_dir / RANGES_FILE, RANGES_COLUMNS, ["model", "steps", "layer", "kind"])
-    for model in dict.fromkeys(ranges["model"]):
-        path = plot_range_ratios(ranges[ranges["model"] == model], results_dir / f"range_ratio_{_file_stem(model)}.png", model)
-        written.append(path)
-        fragments.append(html.figure(path, f"{model}: per-layer weight range ratio before and after cross-layer scaling"))
+    written = [plot_range_ratios(ranges[ranges["model"] == model], results_dir / f"range_ratio_{_file_stem(model)}.png",
+                                 model) for model in dict.fromkeys(ranges["model"])]
+    fragments = [html.figure(path, f"{model}: per-layer weight range ratio before and after cross-layer scaling")
+                 for model, path in zip(dict.fromkeys(ranges["model"]), written)]
+    return Part(["<h2>Weight ranges per layer</h2>", *fragments] if fragments else [], written)
+
+
+def _channel_ranges_part(results_dir: Path) -> Part:
+    """The Fig. 2 box plot per model (channel_ranges.csv)."""
     channels = _optional_table(results_dir / CHANNEL_RANGES_FILE, CHANNEL_RANGES_COLUMNS, ["model", "steps", "layer"])
-    for model in dict.fromkeys(channels["model"]):
-        rows = channels[channels["model"] == model]
-        path = plot_channel_ranges(rows, results_dir / f"fig2_channel_ranges_{_file_stem(model)}.png", model)
-        written.append(path)
-        fragments.append(html.figure(path, f"{model}: per-output-channel weights (the DFQ paper's Fig. 2)"))
-    return Part(["<h2>Weight ranges</h2>", *fragments] if fragments else [], written)
+    written = [plot_channel_ranges(channels[channels["model"] == model],
+                                   results_dir / f"fig2_channel_ranges_{_file_stem(model)}.png", model)
+               for model in dict.fromkeys(channels["model"])]
+    fragments = [html.figure(path, f"{model}: per-output-channel weights (the DFQ paper's Fig. 2)")
+                 for model, path in zip(dict.fromkeys(channels["model"]), written)]
+    return Part(["<h2>Weights per output channel</h2>", *fragments] if fragments else [], written)
 
 
 def _diagnostics_part(results_dir: Path) -> Part:
@@ -514,7 +526,7 @@ def _meta_part(results_dir: Path) -> Part:
     return Part(["<h2>Configuration and machine</h2>", *fragments] if fragments else [], [])
 
 
-REPORT_PARTS = (_results_part, _ranges_part, _diagnostics_part, _meta_part)
+REPORT_PARTS = (_results_part, _range_ratio_part, _channel_ranges_part, _diagnostics_part, _meta_part)
 
 
 def write_report(results_dir: Path, extra_html: Sequence[str] = (), html_name: str = REPORT_FILE) -> list[Path]:
