@@ -1,11 +1,19 @@
 """Open a local HTML file in headless Chromium (Debian's `chromium`) with the network unreachable; read back what the
-page's own load check recorded on <html> (clebench.reporting.html), the console messages, and a screenshot."""
+page's own load check recorded on <html> (clebench.reporting.html), the console messages, and a screenshot.
+
+Also a command, which .ci/run points at its own sweep's report.html (exit 1 on a broken image, a script or console
+error, or a blocked request):
+
+    python tests/chromium.py RESULTS_DIR/report.html SCREENSHOT.png
+"""
 from __future__ import annotations
 
 import os
 import re
 import shutil
 import subprocess
+import tempfile
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -44,3 +52,16 @@ def check_page(page: Path, screenshot: Path, profile: Path, width: int = 1400, h
     console = [line for line in dumped.stderr.splitlines() if ":CONSOLE" in line]
     _run(page, f"--screenshot={screenshot}", f"--window-size={width},{height}", profile=profile)
     return PageCheck(attributes, console)
+
+
+def main(argv: list[str]) -> int:
+    page, screenshot = Path(argv[0]), Path(argv[1])
+    with tempfile.TemporaryDirectory() as profile:
+        result = check_page(page, screenshot, Path(profile))
+    print(f"{page}: {result.attributes}; console: {result.console or 'empty'}; screenshot {screenshot}")
+    ok = result.attributes.get("checked") == "yes" and not result.attributes.get("problems") and not result.console
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

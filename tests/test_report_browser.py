@@ -1,6 +1,7 @@
 """report.html in headless Chromium, loaded from disk with no network: every table and image renders, the console
 stays empty, nothing is fetched, and a run that fails the gate shows its flipped images. Screenshots are saved to
-$CLEBENCH_SCREENSHOTS (else the test's tmp folder); .ci/run points $CLEBENCH_REPORT_RUN at its own sweep's folder."""
+$CLEBENCH_SCREENSHOTS (else the test's tmp folder). .ci/run also opens its own sweep's report.html this way
+(`python tests/chromium.py`)."""
 from __future__ import annotations
 
 import os
@@ -44,13 +45,10 @@ def _assert_renders(page: Path, screenshot: Path, profile: Path) -> dict[str, st
 
 
 def test_report_of_the_ci_run_renders(tmp_path):
-    """The CI sweep's folder (or a copy of the committed one) after `clebench check --html`, which passes."""
-    if os.environ.get("CLEBENCH_REPORT_RUN"):
-        folder = Path(os.environ["CLEBENCH_REPORT_RUN"])
-    else:
-        folder = tmp_path / "cifar10_ci"
-        shutil.copytree(CI_RESULTS, folder)
-        assert cli.main(["check", str(folder), "--baseline", str(BASELINE), "--html"]) == 0
+    """The committed run of configs/cifar10_ci.toml (CI's baseline run), re-reported with `clebench check --html`."""
+    folder = tmp_path / "cifar10_ci"
+    shutil.copytree(CI_RESULTS, folder)
+    assert cli.main(["check", str(folder), "--baseline", str(BASELINE), "--html"]) == 0
     attributes = _assert_renders(folder / "report.html", _screenshot(tmp_path, "report_ci.png"), tmp_path / "profile")
     plots = len(list(folder.glob("*.png")))
     assert int(attributes["images"]) >= plots >= 5  # accuracy and range-ratio plots of both models, Fig. 2
