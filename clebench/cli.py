@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--min-images", type=non_negative_int, default=DEFAULT_MIN_IMAGES,
                        help=f"allowed top-1 drop in images; a row fails only past both limits (default: {DEFAULT_MIN_IMAGES})")
     check.add_argument("--write-baseline", action="store_true", help="write the baseline from the results instead of checking")
+    check.add_argument("--html", action="store_true",
+                       help="also write RESULTS_DIR/report.html with the gate's table and the images whose prediction "
+                       "changed (needs the evaluation images: --data-root)")
+    check.add_argument("--data-root", help="folder holding the data sets, for --html's thumbnails (default: "
+                       "$CLEBENCH_DATA, else the data root meta.json records)")
 
     export = commands.add_parser("export", help="export a quantized model as ONNX QDQ + AIMET encodings JSON",
                                  description="Build one sweep row's calibrated QuantSim and write it as an ONNX QDQ model "
@@ -221,13 +226,37 @@ def run_check(args: argparse.Namespace) -> int:
     config = regression.results_config(args.results_dir)
     device = regression.results_device(args.results_dir)
     if args.write_baseline:
+        if args.html:
+            raise UserError("--html reports a check; it cannot be combined with --write-baseline")
         regression.write_baseline(results_csv, args.baseline, config, device)
         print(f"wrote {args.baseline}")
         return 0
     result = regression.check(results_csv, args.baseline, tolerance=args.tolerance, config=config,
                               min_images=args.min_images, device=device)
     print(regression.format_check(result))
+    if args.html:
+        print(f"wrote {write_check_report(args, result)}")
     return 0 if result.ok else 1
+
+
+def write_check_report(args: argparse.Namespace, result) -> Path:
+    """The results folder's report.html with the gate's section; a part of the folder that cannot be reported is
+    named on the page and on stderr, without changing the gate's exit status."""
+    import os
+
+    from clebench.reporting.gate_page import check_section
+    from clebench.reporting.report import write_report
+    from clebench.sweep import results
+
+    meta_path = args.results_dir / results.META_FILE
+    recorded = results.read_json(meta_path).get("data_root") if meta_path.is_file() else None
+    data_root = args.data_root or os.environ.get("CLEBENCH_DATA") or recorded
+    section = check_section(result, args.results_dir, args.baseline, data_root)
+    try:
+        write_report(args.results_dir, extra_html=section)
+    except (UserError, FileNotFoundError, ValueError) as error:
+        print(f"clebench check: report.html is partial: {error}", file=sys.stderr)
+    return args.results_dir / results.REPORT_FILE
 
 
 

@@ -87,8 +87,9 @@ def _assert_real_png(path: Path) -> None:
 def test_write_report_tables_and_plots(results_dir: Path):
     written = write_report(results_dir)
     names = [p.name for p in written]
-    assert names == ["results.md", f"accuracy_{MODEL}.png", f"range_ratio_{MODEL}.png", f"fig2_channel_ranges_{MODEL}.png"]
-    for path in written[1:]:
+    assert names == ["results.md", f"accuracy_{MODEL}.png", f"range_ratio_{MODEL}.png", f"fig2_channel_ranges_{MODEL}.png",
+                     "report.html"]
+    for path in written[1:-1]:
         _assert_real_png(path)
 
     markdown = (results_dir / "results.md").read_text(encoding="utf-8")
@@ -120,7 +121,7 @@ def test_partial_results(results_dir: Path):
     (results_dir / "ranges.csv").unlink()
     (results_dir / "channel_ranges.csv").write_text("")
     names = [p.name for p in write_report(results_dir)]
-    assert names == ["results.md", f"accuracy_{MODEL}.png"]
+    assert names == ["results.md", f"accuracy_{MODEL}.png", "report.html"]
     top1 = _table_rows((results_dir / "results.md").read_text(encoding="utf-8"), "### Top-1 accuracy (%)")
     assert top1[1] == ["BN fold", "71.50", "11.00 (-60.50)", "—"]
 
@@ -191,3 +192,80 @@ def test_plot_layer_ranges(tmp_path: Path):
 def test_step_order_and_labels_come_from_the_pipeline():
     assert clebench.reporting.report.STEP_ORDER is clebench.sweep.steps.STEP_ORDER  # one source: a new step sorts where it runs
     assert set(clebench.reporting.report.STEP_LABELS) == set(clebench.sweep.steps.STEP_ORDER)
+
+
+def _page(results_dir: Path) -> str:
+    return (results_dir / "report.html").read_text(encoding="utf-8")
+
+
+def test_report_html_is_self_contained_with_tables_plots_and_meta(results_dir: Path):
+    (results_dir / "meta.json").write_text('{"config": {"data": {"limit": 200}}, "device": "cpu", '
+                                           '"last_run_work": {"rows": 10}}')
+    write_report(results_dir)
+    page = _page(results_dir)
+    assert page.count('<img src="data:image/png;base64,') == 3  # accuracy, range ratio, Fig. 2
+    assert "http://" not in page and "https://" not in page and "default-src 'none'" in page
+    assert page.count("<table>") == 2 + 2  # top-1 and top-5; meta.json's machine and config
+    assert "<td>last_run_work.rows</td><td>10</td>" in page and "<td>data.limit</td><td>200</td>" in page
+    assert '<td class="r">45.12 (-24.88)</td>' in page  # the same cell as results.md
+
+
+def test_accuracy_chart_is_dots_not_lines(results_dir: Path):
+    rows = pd.read_csv(results_dir / "results.csv", dtype={"config_hash": str})
+    figure = clebench.reporting.report.accuracy_figure(rows, "tiny")
+    lines = figure.axes[0].get_lines()
+    assert len(lines) == 1 + len(QUANTS) and {line.get_linestyle() for line in lines} == {"None"}
+    assert list(lines[1].get_xdata()) == [10.25, 11.0, 12.0, 69.0, 69.5]  # w8a8 in pipeline order
+    assert [t.get_text() for t in figure.axes[0].get_yticklabels()][0] == "original"
+
+
+def test_every_deployed_runtime_gets_its_table(results_dir: Path):
+    rows = pd.read_csv(results_dir / "results.csv", dtype={"config_hash": str})
+    rows["int8_top1"], rows["int8_agreement"] = rows["quant_top1"] - 0.5, 99.5
+    rows["openvino_int8_top1"] = rows["quant_top1"] + 0.25  # a runtime without an agreement column
+    rows.to_csv(results_dir / "results.csv", index=False)
+    write_report(results_dir)
+    markdown = (results_dir / "results.md").read_text(encoding="utf-8")
+    assert _table_rows(markdown, "### Simulated vs real int8 (ONNX Runtime) top-1 (%)")[0][1] == "10.25 / 9.75 (99.5)"
+    assert _table_rows(markdown, "### Simulated vs openvino_int8 top-1 (%)")[4][2] == "45.12 / 45.38"
+    assert "Simulated vs delta" not in markdown
+    page = _page(results_dir)
+    assert "Simulated vs openvino_int8 top-1 (%)" in page and '<td class="r">10.25 / 9.75 (99.5)</td>' in page
+
+
+def test_diagnostics_csvs_are_tables_and_sensitivity_a_chart(results_dir: Path):
+    pd.DataFrame({"set": [0, 1], "layers": ["0 -> 2", "2 -> 4"], "range_ratio_before": [40.0, 3.5]}).to_csv(
+        results_dir / "cle_sets.csv", index=False)
+    pd.DataFrame({"layer": ["4"], "reason": ["followed by an add"]}).to_csv(results_dir / "cle_skipped.csv", index=False)
+    pd.DataFrame({"layer": ["0", "2", "4"], "quant": ["w4a8"] * 3, "delta_top1": [-0.5, -12.25, 0.0]}).to_csv(
+        results_dir / "sensitivity.csv", index=False)
+    names = [p.name for p in write_report(results_dir)]
+    assert names[-2:] == ["sensitivity.png", "report.html"]
+    _assert_real_png(results_dir / "sensitivity.png")
+    page = _page(results_dir)
+    assert "<td>0 -&gt; 2</td><td class=\"r\">40</td>" in page and "<td>followed by an add</td>" in page
+    assert '<td class="r">-12.25</td>' in page and "sensitivity.csv</code>, 3 rows" in page
+
+
+def test_partial_folders_give_a_partial_page(results_dir: Path):
+    (results_dir / "results.csv").unlink()
+    (results_dir / "channel_ranges.csv").write_text("model,steps\nx,y\n")  # an old or foreign schema
+    with pytest.raises(FileNotFoundError, match="results.csv"):
+        write_report(results_dir)
+    page = _page(results_dir)
+    assert page.count('<p class="problem">Not shown:') == 2 and "lacks the column(s)" in page
+    assert page.count("<img ") == 1  # the range-ratio plot still rendered
+
+
+def test_a_folder_of_the_previous_schema_reports():
+    """The committed H200 run (meta.json without precision, no predictions.npz) still gives every section."""
+    folder = Path(__file__).resolve().parents[1] / "results" / "gpu" / "cifar10_mobilenet_v2_h100"
+    if not folder.is_dir():
+        pytest.skip("results/gpu/cifar10_mobilenet_v2_h100 is not in this checkout")
+    import shutil, tempfile  # noqa: E401
+
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(shutil.copytree(folder, Path(tmp) / "h100"))
+        write_report(copy)
+        page = _page(copy)
+    assert "Not shown" not in page and page.count("<img ") == 3 and "<td>device</td><td>cuda</td>" in page

@@ -3,15 +3,20 @@
 results.csv         -> results.md (the DFQ paper's Table 1 per model) and accuracy_<model>.png
 ranges.csv          -> range_ratio_<model>.png (per-layer range ratio before / after cross-layer scaling)
 channel_ranges.csv  -> fig2_channel_ranges_<model>.png (the paper's Fig. 2: per-channel weight ranges of one layer)
+cle_sets.csv, cle_skipped.csv, sensitivity.csv (when present) -> tables, and sensitivity.png
+all of the above + meta.json -> report.html, one self-contained page (clebench.reporting.html)
 
-Partial results (a sweep still running or interrupted) give partial tables and plots: a missing cell shows as "—".
+Partial results (a sweep still running or interrupted) give partial tables and plots: a missing cell shows as "—",
+and a file that cannot be read is named on report.html instead of its section.
 Figures are drawn on `matplotlib.figure.Figure` objects (Agg canvas), so the caller's pyplot state is left alone.
 """
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -21,7 +26,23 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import LogFormatter, MaxNLocator
 
-from clebench.sweep.results import CHANNEL_RANGES_COLUMNS, KEY_COLUMNS, RANGES_COLUMNS, RESULT_COLUMNS
+from clebench.errors import UserError
+from clebench.reporting import html
+from clebench.sweep.results import (
+    CHANNEL_RANGES_COLUMNS,
+    CHANNEL_RANGES_FILE,
+    CLE_SETS_FILE,
+    CLE_SKIPPED_FILE,
+    KEY_COLUMNS,
+    META_FILE,
+    RANGES_COLUMNS,
+    RANGES_FILE,
+    REPORT_FILE,
+    RESULT_COLUMNS,
+    RESULTS_FILE,
+    SENSITIVITY_FILE,
+    read_json,
+)
 from clebench.sweep.steps import NO_STEPS, STEP_ORDER
 
 STEP_LABELS = {
@@ -37,7 +58,12 @@ STEP_LABELS = {
 ABBREVIATIONS = ("BN fold: batch-norm folding; CLS: cross-layer scaling (ReLU6 kept: chains end at ReLU6; ReLU6 clip: "
                  "scaled through ReLU6, made a per-channel clip); HBF: high-bias folding; BC: analytical bias correction "
                  "(empirical: from calibration data).")
-MISSING = "—"
+RUNTIME_LABELS = {"int8": "real int8 (ONNX Runtime)"}
+DEPLOY_NOTE = ("Each cell: simulated / {} (agreement: % of images with the same top-1 class as the simulation, where "
+               "recorded).")
+DIAGNOSTICS = ((CLE_SETS_FILE, "CLE: cross-layer-scaling sets"), (CLE_SKIPPED_FILE, "CLE: layers left alone"),
+               (SENSITIVITY_FILE, "Per-layer sensitivity"))
+MISSING = html.MISSING
 DPI = 150
 
 
@@ -120,8 +146,11 @@ def _fp32_cell(values: pd.Series) -> str:
     return f"{low:.2f}" if f"{low:.2f}" == f"{high:.2f}" else f"{low:.2f}–{high:.2f}"
 
 
-def accuracy_table(group: pd.DataFrame, metric: str) -> str:
-    """Markdown table of one model: rows = step combinations, FP32, then `quant_<metric>` (delta) per quant setting.
+Table = tuple[list[str], list[list[str]], list[bool]]  # header, rows of cells, right-aligned per column
+
+
+def accuracy_cells(group: pd.DataFrame, metric: str) -> Table:
+    """One model's rows = step combinations, FP32, then `quant_<metric>` (delta) per quant setting.
 
     metric: 'top1' or 'top5'. Each delta is against the FP32 accuracy of the model that setting quantized.
     """
@@ -137,23 +166,43 @@ def accuracy_table(group: pd.DataFrame, metric: str) -> str:
             fp32, quantized = cells.loc[(steps, quant), [f"fp32_{metric}", f"quant_{metric}"]]
             row.append(MISSING if pd.isna(quantized) else f"{quantized:.2f} ({quantized - fp32:+.2f})")
         rows.append(row)
-    return markdown_table(["Steps", "FP32", *quants], rows, [False] + [True] * (len(quants) + 1))
+    return ["Steps", "FP32", *quants], rows, [False] + [True] * (len(quants) + 1)
 
 
-def int8_table(group: pd.DataFrame) -> str:
-    """Markdown table of one model: per step combination and quant setting, the simulated top-1, the top-1 of the
-    same network on ONNX Runtime's int8 kernels and their agreement (% of images with the same top-1 class)."""
+def accuracy_table(group: pd.DataFrame, metric: str) -> str:
+    """`accuracy_cells` as a markdown table."""
+    return markdown_table(*accuracy_cells(group, metric))
+
+
+def deploy_runtimes(results: pd.DataFrame) -> list[str]:
+    """Prefixes of the deployed-runtime columns that hold a value: '<runtime>_top1' beside the simulated quant_top1
+    (today 'int8', from DEPLOY_COLUMNS); a runtime's optional '<runtime>_agreement' is % of images whose top-1 class
+    equals the simulation's."""
+    return [c.removesuffix("_top1") for c in results.columns
+            if c.endswith("_top1") and c not in RESULT_COLUMNS and results[c].notna().any()]
+
+
+def runtime_label(runtime: str) -> str:
+    return RUNTIME_LABELS.get(runtime, runtime)
+
+
+def deploy_cells(group: pd.DataFrame, runtime: str) -> Table:
+    """One model's rows = step combinations; per quant setting 'simulated / <runtime> (agreement)' top-1 (%)."""
     quants = list(dict.fromkeys(group["quant"]))
     cells = group.set_index(["steps", "quant"])
+    agreement = f"{runtime}_agreement"
     rows = []
     for steps in sorted_steps(group["steps"]):
         row = [step_label(steps)]
         for quant in quants:
-            values = cells.loc[(steps, quant), ["quant_top1", "int8_top1", "int8_agreement"]] if (steps, quant) in cells.index else None
-            row.append(MISSING if values is None or values.isna().any() else
-                       f"{values.iloc[0]:.2f} / {values.iloc[1]:.2f} ({values.iloc[2]:.1f})")
+            if (steps, quant) not in cells.index or cells.loc[(steps, quant), ["quant_top1", f"{runtime}_top1"]].isna().any():
+                row.append(MISSING)
+                continue
+            sim, deployed = cells.loc[(steps, quant), ["quant_top1", f"{runtime}_top1"]]
+            agree = cells.loc[(steps, quant), agreement] if agreement in cells else math.nan
+            row.append(f"{sim:.2f} / {deployed:.2f}" + ("" if pd.isna(agree) else f" ({agree:.1f})"))
         rows.append(row)
-    return markdown_table(["Steps", *quants], rows, [False] + [True] * len(quants))
+    return ["Steps", *quants], rows, [False] + [True] * len(quants)
 
 
 def _groups(results: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
@@ -195,10 +244,9 @@ def results_markdown(results: pd.DataFrame, source: str = "results.csv") -> str:
         ]
         for metric, title in (("top1", "Top-1"), ("top5", "Top-5")):
             lines += ["", f"### {title} accuracy (%)", "", accuracy_table(group, metric)]
-        if "int8_top1" in group and group["int8_top1"].notna().any():
-            lines += ["", "### Simulated vs real int8 (ONNX Runtime) top-1 (%)", "",
-                      "Each cell: simulated / int8 kernels (agreement: % of images with the same top-1 class).", "",
-                      int8_table(group)]
+        for runtime in deploy_runtimes(group):
+            lines += ["", f"### Simulated vs {runtime_label(runtime)} top-1 (%)", "", DEPLOY_NOTE.format(runtime), "",
+                      markdown_table(*deploy_cells(group, runtime))]
     return "\n".join(lines) + "\n"
 
 
@@ -208,28 +256,43 @@ def _save(figure: Figure, path: Path) -> Path:
 
 
 def plot_accuracy(group: pd.DataFrame, path: Path, title: str) -> Path:
-    """Quantized top-1 (%) per step combination, one line per quant setting (dotted: the same on real int8 kernels,
-    where the sweep deployed it), FP32 dashed; rows of one model."""
+    """`accuracy_figure` saved to `path`; returns `path`."""
+    return _save(accuracy_figure(group, title), path)
+
+
+def accuracy_figure(group: pd.DataFrame, title: str) -> Figure:
+    """Grouped dot chart of one model's rows: a band per step combination (pipeline order, top down), in it one dot per
+    quant setting (quantized top-1, %; hollow: the same row on a deployed runtime, where recorded) and FP32 as a black
+    bar. Dots, not lines: the step combinations are categories, not a continuum."""
     steps = sorted_steps(group["steps"])
-    x = np.arange(len(steps))
-    figure = Figure(figsize=(max(6.4, 1.3 * len(steps) + 3.0), 4.8), layout="constrained")
+    quants = list(dict.fromkeys(group["quant"]))
+    runtimes = deploy_runtimes(group)
+    figure = Figure(figsize=(9.0, 1.8 + 0.16 * len(steps) * (len(quants) + 1)), layout="constrained")
     ax = figure.subplots()
-    fp32 = group.groupby("steps")["fp32_top1"].mean().reindex(steps)
-    ax.plot(x, fp32.to_numpy(), "k--", marker="_", markersize=12, label="FP32")
+    band = np.arange(len(steps), dtype=float)
+    for y in band[::2]:
+        ax.axhspan(y - 0.5, y + 0.5, color="0.95", zorder=0)
+    fp32 = group.groupby("steps")["fp32_top1"].mean().reindex(steps).to_numpy()
+    ax.plot(fp32, band, linestyle="none", marker="|", markersize=12, markeredgewidth=2.5, color="black", label="FP32")
+    offsets = (np.arange(len(quants)) - (len(quants) - 1) / 2) * (0.8 / max(len(quants), 1))
     markers = "osD^vP*X"
-    for i, quant in enumerate(dict.fromkeys(group["quant"])):
-        rows = group[group["quant"] == quant].set_index("steps")
-        line, = ax.plot(x, rows["quant_top1"].reindex(steps).to_numpy(), marker=markers[i % len(markers)], label=quant)
-        if "int8_top1" in rows and rows["int8_top1"].notna().any():
-            ax.plot(x, rows["int8_top1"].reindex(steps).to_numpy(), marker=markers[i % len(markers)], linestyle=":",
-                    color=line.get_color(), markerfacecolor="none", label=f"{quant}, int8 (ONNX Runtime)")
-    ax.set_xticks(x, [step_label(s).replace(" + ", "\n+ ") for s in steps], fontsize=8)
-    ax.set_xlabel("steps applied before quantization")
-    ax.set_ylabel("top-1 accuracy (%)")
+    for i, quant in enumerate(quants):
+        rows = group[group["quant"] == quant].set_index("steps").reindex(steps)
+        color, marker = f"C{i}", markers[i % len(markers)]
+        ax.plot(rows["quant_top1"].to_numpy(), band + offsets[i], linestyle="none", marker=marker, color=color,
+                markersize=7, label=f"{quant} (simulated)" if runtimes else quant)
+        for runtime in runtimes:
+            ax.plot(rows[f"{runtime}_top1"].to_numpy(), band + offsets[i], linestyle="none", marker=marker,
+                    markersize=11, markerfacecolor="none", markeredgecolor=color,
+                    label=f"{quant}, {runtime_label(runtime)}")
+    ax.set_yticks(band, [step_label(s) for s in steps], fontsize=8)
+    ax.set_ylim(len(steps) - 0.5, -0.5)
+    ax.set_xlabel("top-1 accuracy (%)")
+    ax.set_ylabel("steps applied before quantization")
     ax.set_title(title)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(figure, path)
+    ax.grid(axis="x", alpha=0.3)
+    figure.legend(loc="outside lower center", ncols=min(3, 1 + len(quants) * (1 + len(runtimes))), fontsize=8)
+    return figure
 
 
 def _draw_range_ratios(ax: Axes, frame: pd.DataFrame, label: str, color: str) -> None:
@@ -327,6 +390,35 @@ def plot_channel_ranges(channels: pd.DataFrame, path: Path, model: str) -> Path:
     return _save(figure, path)
 
 
+def sensitivity_value_column(frame: pd.DataFrame) -> str | None:
+    """The column of a sensitivity table to chart: the first numeric one whose name says top-1 change ('delta' and
+    'top1'), else the first with 'top1', else the first floating-point one; None when it has none."""
+    numeric = [c for c in frame.columns if pd.api.types.is_float_dtype(frame[c])]
+    for wanted in (lambda c: "delta" in c and "top1" in c, lambda c: "top1" in c, lambda c: True):
+        found = [c for c in numeric if wanted(c)]
+        if found:
+            return found[0]
+    return None
+
+
+def plot_per_row(frame: pd.DataFrame, value: str, path: Path, title: str) -> Path:
+    """Horizontal bars of `value` per row, labelled by the row's text columns (e.g. layer and setting), in file order."""
+    text = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
+    labels = [" / ".join(str(v) for v in row) for row in frame[text].itertuples(index=False)] if text else list(map(str, frame.index))
+    values = frame[value].to_numpy(dtype=float)
+    figure = Figure(figsize=(9.0, min(1.6 + 0.2 * len(frame), 40.0)), layout="constrained")
+    ax = figure.subplots()
+    y = np.arange(len(frame))
+    ax.barh(y, np.nan_to_num(values), color=np.where(values < 0, "C3", "C0"))
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.set_ylim(len(frame) - 0.5, -0.5)
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_xlabel(value + (" (points)" if "delta" in value else " (%)" if "top1" in value else ""))
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    return _save(figure, path)
+
+
 def _optional_table(path: Path, columns: Sequence[str], text_columns: Sequence[str]) -> pd.DataFrame:
     """The table, or an empty one if the file is missing or empty (a sweep writes it after results.csv)."""
     if not path.is_file():
@@ -334,31 +426,135 @@ def _optional_table(path: Path, columns: Sequence[str], text_columns: Sequence[s
     return read_table(path, columns, text_columns, allow_empty=True)
 
 
-def write_report(results_dir: Path) -> list[Path]:
-    """(Re)generate results.md and every plot from the CSVs in `results_dir`; returns the written paths.
+class Part(NamedTuple):
+    """A piece of the report: HTML fragments for report.html and the files written for it."""
 
-    results.csv must exist and hold at least one row; ranges.csv and channel_ranges.csv are plotted when present.
+    html: list[str]
+    written: list[Path]
+
+
+def _results_part(results_dir: Path) -> Part:
+    """results.md, and per model: its accuracy tables (top-1, top-5, each deployed runtime) and the accuracy chart."""
+    results = read_table(results_dir / RESULTS_FILE, RESULT_COLUMNS, [*KEY_COLUMNS, "config_hash"])
+    markdown_path = results_dir / "results.md"
+    markdown_path.write_text(results_markdown(results), encoding="utf-8")
+    written = [markdown_path]
+    results, dropped = _deduplicated(results)
+    groups = _groups(results)
+    ambiguous = {m for m, _, _ in groups if sum(m == other for other, _, _ in groups) > 1}
+    fragments = ["<h2>Accuracy</h2>",
+                 f"<p class=\"note\">Quantized cells: top-1 or top-5 in % and, in parentheses, its change against the "
+                 f"FP32 model that was quantized, in points; {MISSING} = not run (yet). {html.escape(ABBREVIATIONS)}</p>"]
+    if dropped:
+        fragments.append(f"<p class=\"note\">{dropped} repeated run(s) of the same row: the last one is shown.</p>")
+    for model, dataset, group in groups:
+        stem = _file_stem(f"{model}_{dataset}" if model in ambiguous else model)
+        title = f"{model} on {dataset}: quantized top-1 ({_unique_text(group['n_images'])} images)"
+        chart = plot_accuracy(group, results_dir / f"accuracy_{stem}.png", title)
+        written.append(chart)
+        fragments += [f"<h3>{html.escape(model)} on {html.escape(dataset)}</h3>",
+                      f"<p class=\"note\">{_unique_text(group['n_images'])} evaluation images, "
+                      f"{_unique_text(group['n_calibration'])} calibration images; config hash "
+                      f"{html.escape(_unique_text(group['config_hash']))}.</p>",
+                      html.figure(chart, f"{model}: quantized top-1 per step combination (FP32: black bar)")]
+        for metric, name in (("top1", "Top-1"), ("top5", "Top-5")):
+            fragments += [f"<h4>{name} accuracy (%)</h4>", html.table(*accuracy_cells(group, metric))]
+        for runtime in deploy_runtimes(group):
+            fragments += [f"<h4>Simulated vs {html.escape(runtime_label(runtime))} top-1 (%)</h4>",
+                          f"<p class=\"note\">{html.escape(DEPLOY_NOTE.format(runtime))}</p>",
+                          html.table(*deploy_cells(group, runtime))]
+    return Part(fragments, written)
+
+
+def _range_ratio_part(results_dir: Path) -> Part:
+    """The range-ratio plot per model (ranges.csv)."""
+    ranges = _optional_table(results_dir / RANGES_FILE, RANGES_COLUMNS, ["model", "steps", "layer", "kind"])
+    written = [plot_range_ratios(ranges[ranges["model"] == model], results_dir / f"range_ratio_{_file_stem(model)}.png",
+                                 model) for model in dict.fromkeys(ranges["model"])]
+    fragments = [html.figure(path, f"{model}: per-layer weight range ratio before and after cross-layer scaling")
+                 for model, path in zip(dict.fromkeys(ranges["model"]), written)]
+    return Part(["<h2>Weight ranges per layer</h2>", *fragments] if fragments else [], written)
+
+
+def _channel_ranges_part(results_dir: Path) -> Part:
+    """The Fig. 2 box plot per model (channel_ranges.csv)."""
+    channels = _optional_table(results_dir / CHANNEL_RANGES_FILE, CHANNEL_RANGES_COLUMNS, ["model", "steps", "layer"])
+    written = [plot_channel_ranges(channels[channels["model"] == model],
+                                   results_dir / f"fig2_channel_ranges_{_file_stem(model)}.png", model)
+               for model in dict.fromkeys(channels["model"])]
+    fragments = [html.figure(path, f"{model}: per-output-channel weights (the DFQ paper's Fig. 2)")
+                 for model, path in zip(dict.fromkeys(channels["model"]), written)]
+    return Part(["<h2>Weights per output channel</h2>", *fragments] if fragments else [], written)
+
+
+def _diagnostics_part(results_dir: Path) -> Part:
+    """The CLE and sensitivity CSVs, when present, as tables with whatever columns they have; sensitivity.csv also
+    as a chart of its `sensitivity_value_column` per row."""
+    fragments, written = [], []
+    for name, title in DIAGNOSTICS:
+        path = results_dir / name
+        if not path.is_file():
+            continue
+        try:
+            frame = pd.read_csv(path)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is not a readable CSV file ({error})") from None
+        fragments += [f"<h3>{html.escape(title)} (<code>{name}</code>, {len(frame)} rows)</h3>"]
+        value = sensitivity_value_column(frame) if name == SENSITIVITY_FILE else None
+        if value is not None and len(frame):
+            chart = plot_per_row(frame, value, results_dir / "sensitivity.png", f"{title}: {value} per row")
+            written.append(chart)
+            fragments.append(html.figure(chart, f"{title}: {value}"))
+        fragments.append(html.frame_table(frame))
+    return Part(["<h2>CLE diagnostics and sensitivity</h2>", *fragments] if fragments else [], written)
+
+
+def _meta_part(results_dir: Path) -> Part:
+    """meta.json: the machine, versions and work counters, and the configuration (config.toml as written)."""
+    fragments = []
+    meta_path = results_dir / META_FILE
+    if meta_path.is_file():
+        meta = read_json(meta_path)
+        fragments += ["<h3>Machine, versions and work (<code>meta.json</code>)</h3>",
+                      html.key_values(html.flatten({k: v for k, v in meta.items() if k != "config"})),
+                      "<h3>Effective configuration (<code>meta.json</code>)</h3>",
+                      html.key_values(html.flatten(meta.get("config") or {}))]
+    config_path = results_dir / "config.toml"
+    if config_path.is_file():
+        fragments += ["<h3>Config file as given (<code>config.toml</code>)</h3>",
+                      f"<pre>{html.escape(config_path.read_text(encoding='utf-8'))}</pre>"]
+    return Part(["<h2>Configuration and machine</h2>", *fragments] if fragments else [], [])
+
+
+REPORT_PARTS = (_results_part, _range_ratio_part, _channel_ranges_part, _diagnostics_part, _meta_part)
+
+
+def write_report(results_dir: Path, extra_html: Sequence[str] = (), html_name: str = REPORT_FILE) -> list[Path]:
+    """(Re)generate results.md, every plot and report.html from the files in `results_dir`; returns the written paths.
+
+    results.csv must exist and hold at least one row; ranges.csv, channel_ranges.csv, the diagnostics CSVs and
+    meta.json are reported when present. Each part is independent: a part whose file is unreadable shows its error
+    in report.html, which is always written (partial or interrupted folders give a partial page), and the first such
+    error is raised after it. extra_html: fragments placed right after the title (e.g. the regression gate's).
     """
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise FileNotFoundError(f"results directory {results_dir} does not exist; pass the directory the sweep wrote")
-    results = read_table(results_dir / "results.csv", RESULT_COLUMNS, [*KEY_COLUMNS, "config_hash"])
-    markdown_path = results_dir / "results.md"
-    markdown_path.write_text(results_markdown(results), encoding="utf-8")
-    written = [markdown_path]
-    results, _ = _deduplicated(results)
-    groups = _groups(results)
-    ambiguous = {m for m, _, _ in groups if sum(m == other for other, _, _ in groups) > 1}
-    for model, dataset, group in groups:
-        stem = _file_stem(f"{model}_{dataset}" if model in ambiguous else model)
-        title = f"{model} on {dataset}: quantized top-1 ({_unique_text(group['n_images'])} images)"
-        written.append(plot_accuracy(group, results_dir / f"accuracy_{stem}.png", title))
-    ranges = _optional_table(results_dir / "ranges.csv", RANGES_COLUMNS, ["model", "steps", "layer", "kind"])
-    for model in dict.fromkeys(ranges["model"]):
-        rows = ranges[ranges["model"] == model]
-        written.append(plot_range_ratios(rows, results_dir / f"range_ratio_{_file_stem(model)}.png", model))
-    channels = _optional_table(results_dir / "channel_ranges.csv", CHANNEL_RANGES_COLUMNS, ["model", "steps", "layer"])
-    for model in dict.fromkeys(channels["model"]):
-        rows = channels[channels["model"] == model]
-        written.append(plot_channel_ranges(rows, results_dir / f"fig2_channel_ranges_{_file_stem(model)}.png", model))
+    written, body, errors = [], [], []
+    for part in REPORT_PARTS:
+        try:
+            fragments, paths = part(results_dir)
+        except (FileNotFoundError, ValueError, UserError) as error:
+            errors.append(error)
+            fragments, paths = [f"<p class=\"problem\">Not shown: {html.escape(str(error))}</p>"], []
+        body += fragments
+        written += paths
+    header = [f"<p class=\"note\">Written by <code>clebench report</code> from the files of <code>"
+              f"{html.escape(str(results_dir))}</code>; every image is inline, so this file can be moved alone.</p>"]
+    page_path = results_dir / html_name
+    page_path.write_text(html.page(f"clebench report: {results_dir.resolve().name}", [*header, *extra_html, *body]),
+                         encoding="utf-8")
+    written.append(page_path)
+    if errors:
+        raise errors[0]
     return written

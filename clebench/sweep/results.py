@@ -5,6 +5,8 @@
     channel_ranges.csv   per channel of the Fig. 2 layers (clebench.ranges.CHANNEL_COLUMNS)
     predictions.npz      every row's per-image top-1 class (int16), FP32 and quantized, and the labels
     meta.json            the config, its hash, the machine and device, the last run's work counters
+    cle_sets.csv, cle_skipped.csv, sensitivity.csv   CLE diagnostics and per-layer sensitivity (when written)
+    results.md, *.png, report.html                   written from the files above by clebench.reporting.report
     .lock                held by the one process that writes the folder
 
 Every file is replaced atomically (written beside, then renamed), so a reader never sees half a file.
@@ -39,6 +41,10 @@ RANGES_FILE = "ranges.csv"
 CHANNEL_RANGES_FILE = "channel_ranges.csv"
 PREDICTIONS_FILE = "predictions.npz"
 META_FILE = "meta.json"
+CLE_SETS_FILE = "cle_sets.csv"
+CLE_SKIPPED_FILE = "cle_skipped.csv"
+SENSITIVITY_FILE = "sensitivity.csv"
+REPORT_FILE = "report.html"
 LOCK_FILE = ".lock"
 
 

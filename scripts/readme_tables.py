@@ -1,0 +1,187 @@
+"""Regenerate the README's tables and figure references from the committed results folders.
+
+Each block between `<!-- table:NAME -->` and `<!-- /table:NAME -->` in README.md (and results/cifar10/README.md) is
+the output of BLOCKS[NAME], which reads one committed file under results/; nothing is typed by hand. With --check
+nothing is written and the exit status is 1 when a file differs from what the results give (CI runs it through
+tests/test_readme_tables.py).
+
+    python scripts/readme_tables.py            # rewrite the blocks
+    python scripts/readme_tables.py --check    # exit 1 and name the stale blocks
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from clebench.reporting.report import STEP_LABELS, read_table
+from clebench.sweep.results import KEY_COLUMNS, RESULT_COLUMNS
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = [ROOT / "README.md", ROOT / "results" / "cifar10" / "README.md"]
+BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
+MODEL_NAMES = {"resnet18_cifar10": "ResNet18", "mobilenet_v2_cifar10": "MobileNetV2"}
+PAPER_MNV2 = [  # (steps, row label) of the MobileNetV2 CIFAR-10 headline table
+    ("bn_fold", "BN fold"),
+    ("bn_fold+relu6_to_relu", "+ ReLU6→ReLU"),
+    ("bn_fold+relu6_to_relu+cls", "+ ReLU6→ReLU + CLS"),
+    ("bn_fold+relu6_to_relu+cls+hbf+bias_correction", "+ ReLU6→ReLU + CLS + HBF + BC"),
+    ("bn_fold+cls_relu6_clip", "+ CLS (ReLU6 clip)"),
+    ("bn_fold+cls_relu6_clip+hbf+bias_correction", "+ CLS (ReLU6 clip) + HBF + BC"),
+]
+RESNET18_ROWS = [  # ResNet18 has no ReLU6: relu6_to_relu changes nothing, so its rows are plain BN fold + CLS + HBF
+    ("bn_fold", "BN fold"),
+    ("bn_fold+relu6_to_relu+cls+hbf", "+ CLS + HBF"),
+    ("bn_fold+relu6_to_relu+cls+hbf+bias_correction", "+ CLS + HBF + bias correction"),
+]
+CIFAR10_MODEL_ROWS = {  # the rows of results/cifar10/README.md's table per model
+    "resnet18_cifar10": RESNET18_ROWS,
+    "mobilenet_v2_cifar10": [("bn_fold", "BN fold"), ("bn_fold+relu6_to_relu+cls+hbf", "+ ReLU6→ReLU + CLS + HBF"),
+                             ("bn_fold+cls_relu6_clip+hbf", "+ CLS (ReLU6 clip) + HBF"),
+                             ("bn_fold+cls_relu6_clip+hbf+bias_correction", "+ CLS (ReLU6 clip) + HBF + bias correction")],
+}
+CIFAR_QUANTS = [("w8a8_per_tensor_minmax", "W8A8"), ("w6a8_per_tensor_minmax", "W6A8"),
+                ("w4a8_per_tensor_minmax", "W4A8"), ("w8a8_per_channel_minmax", "W8A8 per-channel")]
+
+
+def markdown(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
+    """A markdown table whose first `left` columns are left-aligned and the rest right-aligned."""
+    rule = ["---" if i < left else "--:" for i in range(len(header))]
+    return "\n".join("| " + " | ".join(map(str, cells)) + " |" for cells in [header, rule, *rows]) + "\n"
+
+
+def _results(folder: str) -> pd.DataFrame:
+    table = read_table(ROOT / "results" / folder / "results.csv", RESULT_COLUMNS, [*KEY_COLUMNS, "config_hash"])
+    return table.drop_duplicates(KEY_COLUMNS, keep="last").set_index(["steps", "quant"])
+
+
+def accuracy(folder: str, rows: Sequence[tuple[str, str]], quants: Sequence[tuple[str, str]], decimals: int,
+             delta: bool) -> str:
+    """Top-1 (%) of one model's results.csv: FP32 and each quant setting per step row; delta: '(change)' in points."""
+    table = _results(folder)
+    body = []
+    for steps, label in rows:
+        cells = [label, f"{table.loc[(steps, quants[0][0]), 'fp32_top1']:.{decimals}f}"]
+        for quant, _ in quants:
+            fp32, top1 = table.loc[(steps, quant), ["fp32_top1", "quant_top1"]]
+            cells.append(f"{top1:.{decimals}f}" + (f" ({top1 - fp32:+.{decimals}f})" if delta else ""))
+        body.append(cells)
+    return markdown(["Steps", "FP32", *(name for _, name in quants)], body)
+
+
+def cifar10_models() -> str:
+    """Both CIFAR-10 checkpoints' paper rows side by side (results/cifar10/README.md)."""
+    rows = []
+    for model, steps_rows in CIFAR10_MODEL_ROWS.items():
+        table = _results(f"cifar10/{model}")
+        for steps, label in steps_rows:
+            cells = [MODEL_NAMES[model], label, f"{table.loc[(steps, CIFAR_QUANTS[0][0]), 'fp32_top1']:.2f}"]
+            cells += [f"{table.loc[(steps, quant), 'quant_top1']:.2f}" for quant, _ in CIFAR_QUANTS]
+            rows.append(cells)
+    return markdown(["model", "steps", "FP32", *(name for _, name in CIFAR_QUANTS)], rows, left=2)
+
+
+def _markdown_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of the first markdown table in `path`, as {header: cell}."""
+    text = path.read_text(encoding="utf-8").splitlines()
+    first = next(i for i, line in enumerate(text) if line.startswith("|"))
+    lines = [line for line in text[first:first + next((k for k, line in enumerate(text[first:]) if not line.startswith("|")),
+                                                      len(text) - first)]]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def _steps_label(steps: str) -> str:
+    """'bn_fold' -> 'BN fold'; 'bn_fold+cls+hbf' -> '+ CLS + HBF' (each row of a table starts from BN folding)."""
+    names = steps.split("+")[1:]
+    return "+ " + " + ".join(STEP_LABELS[n] for n in names) if names else "BN fold"
+
+
+def deploy_gap() -> str:
+    """results/bench/deploy_gap.md (scripts/deploy_gap.py), with readable model, step and weight names."""
+    rows = []
+    for row in _markdown_rows(ROOT / "results" / "bench" / "deploy_gap.md"):
+        rows.append([MODEL_NAMES[row["model"]], _steps_label(row["steps"]), "W" + row["quant"][1],
+                     row["FP32"], row["sim"], f"{row['ort-sim']} ({float(row['ort-sim agree']):.1f})",
+                     f"{row['int8']} ({float(row['int8 agree']):.1f})", row["sim - int8"],
+                     f"{row['sim int32 bias']} ({float(row['int8 agree with it']):.1f})", row["sim int32 bias - int8"]])
+    return markdown(["model", "steps", "weights", "FP32", "sim (torch)", "onnxruntime-sim (agree)", "int8 (agree)",
+                     "sim − int8", "sim, int32 bias (int8 agrees)", "its − int8"], rows, left=2)
+
+
+def engine_speed() -> str:
+    """Speed against the torch simulation, from results/bench/engines.md (scripts/bench_engines.py)."""
+    rows = {(r["model"], r["engine"]): r["vs torch sim"] for r in _markdown_rows(ROOT / "results" / "bench" / "engines.md")}
+    engines = ["onnxruntime-sim", "onnxruntime-int8", "torch sim channels_last", "torch FP32"]
+    body = [[MODEL_NAMES[m], *(rows[(m, e)] for e in engines)] for m in ("mobilenet_v2_cifar10", "resnet18_cifar10")]
+    return markdown(["", "onnxruntime-sim", "onnxruntime-int8", "torch sim, channels_last", "torch FP32"], body)
+
+
+def simulation_cost() -> str:
+    """W8A8 simulation time / FP32 time, from results/bench/peers.md (scripts/bench_peers_simulation.py) and
+    results/bench/engines.md (scripts/bench_engines.py)."""
+    peers = [line for line in (ROOT / "results" / "bench" / "peers.md").read_text(encoding="utf-8").splitlines()
+             if "eval time / FP32 eval time" in line]
+    ratio = {line.split("|")[1].strip(): line.split("|")[5].strip() for line in peers}
+    engines = {(r["model"], r["engine"]): float(r["seconds"]) for r in _markdown_rows(ROOT / "results" / "bench" / "engines.md")
+               if r["seconds"] and "/" not in r["seconds"]}
+    body = [[MODEL_NAMES[m], f"{float(ratio[m]):.2f}x",
+             f"{engines[(m, 'torch sim')] / engines[(m, 'torch FP32')]:.2f}x"] for m in ("resnet18_cifar10", "mobilenet_v2_cifar10")]
+    return markdown(["model", "vs FP32 with BNs (`bench_peers_simulation.py`)", "vs BN-folded FP32 (`bench_engines.py`)"], body)
+
+
+BLOCKS: dict[str, Callable[[], str]] = {
+    "imagenet_sample": lambda: accuracy("imagenet_sample", [
+        ("bn_fold", "BN fold"),
+        ("bn_fold+relu6_to_relu+cls+hbf", "+ ReLU6→ReLU + CLS + HBF (the paper, AIMET 1.x)"),
+        ("bn_fold+cls_relu6_keep", "+ CLS with ReLU6 as chain end (AIMET 2.x)"),
+        ("bn_fold+cls_relu6_clip", "+ CLS across ReLU6 as per-channel clip (`cls_relu6_clip`)"),
+        ("bn_fold+cls_relu6_clip+hbf+bias_correction", "+ `cls_relu6_clip` + HBF + bias correction"),
+    ], [("w6a8_per_tensor_minmax", "W6A8"), ("w8a8_per_tensor_minmax", "W8A8"), ("w8a8_per_channel_minmax", "W8A8 per-channel")],
+        decimals=1, delta=False),
+    "cifar10_mobilenet_v2": lambda: accuracy("cifar10/mobilenet_v2_cifar10", PAPER_MNV2, CIFAR_QUANTS, 2, delta=True),
+    "cifar10_resnet18": lambda: accuracy("cifar10/resnet18_cifar10", RESNET18_ROWS, CIFAR_QUANTS, 2, delta=True),
+    "cifar10_models": cifar10_models,
+    "deploy_gap": deploy_gap,
+    "engine_speed": engine_speed,
+    "simulation_cost": simulation_cost,
+}
+
+
+def regenerate(text: str, source: str) -> str:
+    """`text` with every marked block replaced by what its results give; an unknown name is an error."""
+    def block(match: re.Match) -> str:
+        name = match["name"]
+        if name not in BLOCKS:
+            raise SystemExit(f"{source}: unknown table {name!r}; known: {', '.join(BLOCKS)}")
+        return match.group(1) + BLOCKS[name]() + match.group(4)
+
+    return BLOCK.sub(block, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 when a file differs from the results")
+    args = parser.parse_args(argv)
+    stale = []
+    for path in FILES:
+        text = path.read_text(encoding="utf-8")
+        new = regenerate(text, str(path.relative_to(ROOT)))
+        names = [m["name"] for m in BLOCK.finditer(text)]
+        changed = [n for n, old, fresh in zip(names, BLOCK.finditer(text), BLOCK.finditer(new)) if old["body"] != fresh["body"]]
+        stale += [f"{path.relative_to(ROOT)}: table {name}" for name in changed]
+        if new != text and not args.check:
+            path.write_text(new, encoding="utf-8")
+    if args.check and stale:
+        print("out of date with results/ (run python scripts/readme_tables.py): " + "; ".join(stale), file=sys.stderr)
+        return 1
+    print(("stale: " if stale else "up to date: ") + ", ".join(stale or [str(p.relative_to(ROOT)) for p in FILES]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
