@@ -21,7 +21,9 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import LogFormatter, MaxNLocator
 
-from clebench.sweep.results import CHANNEL_RANGES_COLUMNS, KEY_COLUMNS, RANGES_COLUMNS, RESULT_COLUMNS
+from clebench.runtimes import RUNTIME_LABELS
+from clebench.sweep.results import (CHANNEL_RANGES_COLUMNS, KEY_COLUMNS, RANGES_COLUMNS, RESULT_COLUMNS, deploy_column,
+                                    deploy_targets, upgrade_legacy)
 from clebench.sweep.steps import NO_STEPS, STEP_ORDER
 
 STEP_LABELS = {
@@ -94,6 +96,15 @@ def read_table(path: Path, columns: Sequence[str], text_columns: Sequence[str], 
     return frame
 
 
+def read_results_table(path: Path) -> pd.DataFrame:
+    """results.csv (read_table), with an older folder's int8_* columns under ONNX Runtime's names and every deploy
+    column numeric (blank: not deployed)."""
+    results = upgrade_legacy(read_table(path, RESULT_COLUMNS, [*KEY_COLUMNS, "config_hash"]))
+    deployed = [c for c in results.columns if c not in RESULT_COLUMNS]
+    results[deployed] = results[deployed].apply(pd.to_numeric, errors="coerce")
+    return results
+
+
 def _file_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
@@ -140,20 +151,40 @@ def accuracy_table(group: pd.DataFrame, metric: str) -> str:
     return markdown_table(["Steps", "FP32", *quants], rows, [False] + [True] * (len(quants) + 1))
 
 
-def int8_table(group: pd.DataFrame) -> str:
+def deploy_table(group: pd.DataFrame, target: str) -> str:
     """Markdown table of one model: per step combination and quant setting, the simulated top-1, the top-1 of the
-    same network on ONNX Runtime's int8 kernels and their agreement (% of images with the same top-1 class)."""
+    same network on deploy `target`'s integer kernels and their agreement (% of images with the same top-1 class);
+    a row whose conv / matmul layers did not all run on integers says how many ran in float."""
     quants = list(dict.fromkeys(group["quant"]))
+    top1, agree, floats = (deploy_column(target, m) for m in ("top1", "agreement", "float_layers"))
     cells = group.set_index(["steps", "quant"])
     rows = []
     for steps in sorted_steps(group["steps"]):
         row = [step_label(steps)]
         for quant in quants:
-            values = cells.loc[(steps, quant), ["quant_top1", "int8_top1", "int8_agreement"]] if (steps, quant) in cells.index else None
-            row.append(MISSING if values is None or values.isna().any() else
-                       f"{values.iloc[0]:.2f} / {values.iloc[1]:.2f} ({values.iloc[2]:.1f})")
+            values = cells.loc[(steps, quant), ["quant_top1", top1, agree]] if (steps, quant) in cells.index else None
+            if values is None or values.isna().any():
+                row.append(MISSING)
+                continue
+            cell = f"{values.iloc[0]:.2f} / {values.iloc[1]:.2f} ({values.iloc[2]:.1f})"
+            fallback = cells.loc[(steps, quant), floats] if floats in cells.columns else 0
+            row.append(cell if pd.isna(fallback) or fallback == 0 else f"{cell} ⚠ {int(fallback)} float layer(s)")
         rows.append(row)
     return markdown_table(["Steps", *quants], rows, [False] + [True] * len(quants))
+
+
+def layer_precision_line(group: pd.DataFrame, target: str) -> str:
+    """How `target` ran the conv / matmul layers of this model's rows, from the _integer_layers / _float_layers
+    columns ("" for folders written before they existed)."""
+    integer, floats = deploy_column(target, "integer_layers"), deploy_column(target, "float_layers")
+    if integer not in group or group[integer].isna().all():
+        return ""
+    known = group[group[integer].notna()]
+    fell_back = int((known[floats] > 0).sum())
+    totals = sorted({int(i + f) for i, f in zip(known[integer], known[floats])})
+    summary = (f"every conv / matmul layer ran on integers in all {len(known)} rows" if not fell_back else
+               f"{fell_back} of {len(known)} rows ran some conv / matmul layers in float (marked ⚠)")
+    return f"{RUNTIME_LABELS[target]}: {summary} ({'/'.join(map(str, totals))} such layers per row)."
 
 
 def _groups(results: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
@@ -195,10 +226,12 @@ def results_markdown(results: pd.DataFrame, source: str = "results.csv") -> str:
         ]
         for metric, title in (("top1", "Top-1"), ("top5", "Top-5")):
             lines += ["", f"### {title} accuracy (%)", "", accuracy_table(group, metric)]
-        if "int8_top1" in group and group["int8_top1"].notna().any():
-            lines += ["", "### Simulated vs real int8 (ONNX Runtime) top-1 (%)", "",
-                      "Each cell: simulated / int8 kernels (agreement: % of images with the same top-1 class).", "",
-                      int8_table(group)]
+        for target in deploy_targets(group.columns):
+            if group[deploy_column(target, "top1")].notna().any():
+                precision = layer_precision_line(group, target)
+                lines += ["", f"### Simulated vs real int8 ({RUNTIME_LABELS[target]}) top-1 (%)", "",
+                          "Each cell: simulated / int8 kernels (agreement: % of images with the same top-1 class).",
+                          *([precision] if precision else []), "", deploy_table(group, target)]
     return "\n".join(lines) + "\n"
 
 
@@ -208,8 +241,8 @@ def _save(figure: Figure, path: Path) -> Path:
 
 
 def plot_accuracy(group: pd.DataFrame, path: Path, title: str) -> Path:
-    """Quantized top-1 (%) per step combination, one line per quant setting (dotted: the same on real int8 kernels,
-    where the sweep deployed it), FP32 dashed; rows of one model."""
+    """Quantized top-1 (%) per step combination, one line per quant setting (dotted / dash-dotted: the same on ONNX
+    Runtime's / OpenVINO's int8 kernels, where the sweep deployed it), FP32 dashed; rows of one model."""
     steps = sorted_steps(group["steps"])
     x = np.arange(len(steps))
     figure = Figure(figsize=(max(6.4, 1.3 * len(steps) + 3.0), 4.8), layout="constrained")
@@ -220,9 +253,11 @@ def plot_accuracy(group: pd.DataFrame, path: Path, title: str) -> Path:
     for i, quant in enumerate(dict.fromkeys(group["quant"])):
         rows = group[group["quant"] == quant].set_index("steps")
         line, = ax.plot(x, rows["quant_top1"].reindex(steps).to_numpy(), marker=markers[i % len(markers)], label=quant)
-        if "int8_top1" in rows and rows["int8_top1"].notna().any():
-            ax.plot(x, rows["int8_top1"].reindex(steps).to_numpy(), marker=markers[i % len(markers)], linestyle=":",
-                    color=line.get_color(), markerfacecolor="none", label=f"{quant}, int8 (ONNX Runtime)")
+        for target, style in zip(deploy_targets(rows.columns), (":", "-.")):
+            column = deploy_column(target, "top1")
+            if rows[column].notna().any():
+                ax.plot(x, rows[column].reindex(steps).to_numpy(), marker=markers[i % len(markers)], linestyle=style,
+                        color=line.get_color(), markerfacecolor="none", label=f"{quant}, int8 ({RUNTIME_LABELS[target]})")
     ax.set_xticks(x, [step_label(s).replace(" + ", "\n+ ") for s in steps], fontsize=8)
     ax.set_xlabel("steps applied before quantization")
     ax.set_ylabel("top-1 accuracy (%)")
@@ -342,7 +377,7 @@ def write_report(results_dir: Path) -> list[Path]:
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise FileNotFoundError(f"results directory {results_dir} does not exist; pass the directory the sweep wrote")
-    results = read_table(results_dir / "results.csv", RESULT_COLUMNS, [*KEY_COLUMNS, "config_hash"])
+    results = read_results_table(results_dir / "results.csv")
     markdown_path = results_dir / "results.md"
     markdown_path.write_text(results_markdown(results), encoding="utf-8")
     written = [markdown_path]

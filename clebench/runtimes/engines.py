@@ -24,10 +24,9 @@ import torch
 
 from clebench.evaluation import evaluate
 from clebench.quant.sim import QuantSim
+from clebench.runtimes import MODES, RUNTIMES
 from clebench.runtimes.export import cached_export
 
-RUNTIMES = ("onnxruntime", "openvino")
-MODES = ("sim", "int8")
 ENGINES = ("torch", *(f"{runtime}-{mode}" for runtime in RUNTIMES for mode in MODES))
 
 

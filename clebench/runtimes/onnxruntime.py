@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from clebench.evaluation import accuracy
-from clebench.runtimes.engines import MODES, LayerPrecision
+from clebench.runtimes import MODES
+from clebench.runtimes.engines import LayerPrecision
 from clebench.runtimes.export import require
 
 # ops that run on integers after Runtime's QDQ fusion (contrib QLinear* ops live in com.microsoft)

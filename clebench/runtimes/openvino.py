@@ -18,7 +18,8 @@ import torch
 
 from clebench.errors import MissingExtraError
 from clebench.evaluation import accuracy
-from clebench.runtimes.engines import MODES, LayerPrecision
+from clebench.runtimes import MODES
+from clebench.runtimes.engines import LayerPrecision
 
 OPENVINO_EXTRA_HINT = 'pip install -e ".[openvino]"'
 # runtime-graph layer types of convolutions and matmuls (OpenVINO's CPU plugin names them so)
