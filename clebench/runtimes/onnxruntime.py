@@ -53,6 +53,7 @@ def session_options(mode: str, threads: int | None = None, optimized_path: str |
         options.add_session_config_entry("session.disable_quant_qdq", "1")
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
+        options.log_severity_level = 3  # not the warning that an optimized model is specific to this machine
     return options
 
 
