@@ -135,8 +135,8 @@ def run_sweep(config: SweepConfig, out: str | Path, *, data_root: str | Path | N
     settings = Settings(config, datasets.data_root(data_root).resolve(),
                         None if models_dir is None else Path(models_dir).resolve(), device,
                         progress and execution.ray is None, (out / SCRATCH_FOLDER).resolve(), cache)
+    meta = run_metadata(settings, command)  # first: a runtime that is not installed stops the sweep before any work
     loaded, usable = check_models(config, settings.models_dir)
-    meta = run_metadata(settings, command)
     columns = results.RESULT_COLUMNS + results.deploy_columns(config.eval.deploy)
     with Recorder(out, meta, plan.row_order(config, usable), range_order(config, usable), columns) as recorder:
         identities = prefix_identities(config, loaded, usable) if execution.ray else None
