@@ -1,4 +1,4 @@
-"""Command line: `clebench sweep | report | ranges | check | export | cache` (also `python -m clebench ...`)."""
+"""Command line: `clebench sweep | report | ranges | check | export | gap | cache` (also `python -m clebench ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from clebench.errors import UserError
+from clebench.runtimes import MODES, RUNTIMES
 from clebench.reporting.regression import DEFAULT_MIN_IMAGES
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -20,6 +21,7 @@ EXAMPLES = """examples:
   clebench ranges mobilenet_v2_cifar10 --steps bn_fold+cls_relu6_clip --plot ranges.png
   clebench check runs/cifar10_ci --baseline results/cifar10_ci/baseline.json --tolerance 0.5
   clebench export mobilenet_v2_cifar10 --steps bn_fold+cls_relu6_clip+hbf --quant w8a8_per_tensor_minmax --out m.onnx
+  clebench gap mobilenet_v2_cifar10 --steps bn_fold --quant w8a8_per_tensor_minmax --runtime openvino
   clebench cache ls
 """
 
@@ -55,6 +57,16 @@ def device_name(text: str) -> str:
     return text
 
 
+def add_data_arguments(command: argparse.ArgumentParser) -> None:
+    """The data and model options of the commands that build one calibrated row (export, gap)."""
+    command.add_argument("--dataset", default="cifar10", help="data set (default: cifar10)")
+    command.add_argument("--calibration-split", default="train", help="calibration split (default: train)")
+    command.add_argument("--calibration", type=positive_int, default=512, help="calibration images, class-balanced (default: 512)")
+    command.add_argument("--data-root", help="folder holding the data sets (default: $CLEBENCH_DATA)")
+    command.add_argument("--models-dir", help="folder holding <model>.pt checkpoints (default: $CLEBENCH_MODELS)")
+    command.add_argument("--checkpoint", help="a checkpoint file for the model")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clebench",
@@ -77,9 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
     sweep.add_argument("--no-cache", action="store_true",
                        help="decode the images for this run only, without the on-disk image cache ($CLEBENCH_CACHE)")
-    sweep.add_argument("--engine", choices=["torch", "onnxruntime"],
+    sweep.add_argument("--engine", choices=["torch", *RUNTIMES],
                        help="simulation engine for quantized rows (default: the config's [eval] engine, else torch); "
-                       "onnxruntime runs the exported QDQ model on Runtime's float kernels (CPU, needs the onnx extra)")
+                       "onnxruntime / openvino run the exported QDQ model on that runtime's float kernels (CPU, needs "
+                       "the onnx / openvino extra)")
     sweep.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                        help="run the work units as Ray tasks: alone, on a Ray started here with this machine's CPUs/GPUs; "
                        "'auto' or HOST:PORT joins a running cluster (needs the ray extra)")
@@ -126,12 +139,24 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--quant", default="w8a8_per_tensor_minmax", help="quantization setting (default: w8a8_per_tensor_minmax)")
     export.add_argument("--encodings", type=Path, help="AIMET encodings JSON to write (default: OUT with .encodings.json)")
     export.add_argument("--int32-bias", action="store_true", help="int32 biases, as int8 kernels run them (default: as the setting says)")
-    export.add_argument("--dataset", default="cifar10", help="calibration data set (default: cifar10)")
-    export.add_argument("--calibration-split", default="train", help="calibration split (default: train)")
-    export.add_argument("--calibration", type=positive_int, default=512, help="calibration images, class-balanced (default: 512)")
-    export.add_argument("--data-root", help="folder holding the data sets (default: $CLEBENCH_DATA)")
-    export.add_argument("--models-dir", help="folder holding <model>.pt checkpoints (default: $CLEBENCH_MODELS)")
-    export.add_argument("--checkpoint", help="a checkpoint file for the model")
+    add_data_arguments(export)
+
+    gap = commands.add_parser("gap", help="where a runtime parts from the simulation, layer by layer",
+                              description="Build one sweep row's calibrated QuantSim, run it and its ONNX export on a "
+                              "runtime on a few test images, and list per quantized activation, in graph order, the "
+                              "SQNR (dB) of the runtime's tensor against the simulation's and the share of elements on "
+                              "another grid point. Needs the onnx extra (and openvino for --runtime openvino).")
+    gap.add_argument("model", help="zoo model name (see `clebench ranges --list`)")
+    gap.add_argument("--steps", default="bn_fold", help="step combination (default: bn_fold)")
+    gap.add_argument("--quant", default="w8a8_per_tensor_minmax", help="quantization setting (default: w8a8_per_tensor_minmax)")
+    gap.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime", help="runtime to compare (default: onnxruntime)")
+    gap.add_argument("--mode", choices=MODES, default="int8",
+                     help="int8: the runtime's integer kernels, with int32 biases (default); sim: its float kernels")
+    gap.add_argument("--images", type=positive_int, default=32, help="test images, class-balanced (default: 32)")
+    gap.add_argument("--threshold", type=float, default=30.0, help="name the first tensor below this SQNR in dB (default: 30)")
+    gap.add_argument("--csv", type=Path, help="also write the per-tensor table to this CSV file")
+    gap.add_argument("--threads", type=positive_int, help="runtime threads (default: the runtime's)")
+    add_data_arguments(gap)
 
     cache = commands.add_parser("cache", help="list or delete the decoded-image cache",
                                 description="The decoded images load_images keeps on disk, one entry per data set "
@@ -142,11 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_export(args: argparse.Namespace) -> int:
-    import time
-
+def calibrated_row(args: argparse.Namespace):
+    """(the calibrated QuantSim of the row args.model / args.steps / args.quant, its calibration batches)."""
     from clebench.data import datasets
-    from clebench.runtimes.export import export_encodings, export_onnx
     from clebench.models import model_preprocessing
     from clebench.sweep.prepare import calibrated_sim, prepare_fp32
 
@@ -154,12 +177,41 @@ def run_export(args: argparse.Namespace) -> int:
     preprocessing = model_preprocessing(args.model)
     images = datasets.load_images(args.dataset, args.calibration_split, args.data_root, preprocessing, limit=args.calibration)
     calibration = list(datasets.batches(images, 500, preprocessing))
-    sim = calibrated_sim(state, args.steps, args.quant, calibration)
+    return calibrated_sim(state, args.steps, args.quant, calibration), calibration
+
+
+def run_export(args: argparse.Namespace) -> int:
+    import time
+
+    from clebench.runtimes.export import export_encodings, export_onnx
+
+    sim, calibration = calibrated_row(args)
     started = time.perf_counter()
     path = export_onnx(sim, calibration[0][0][:1], args.out, int32_bias=True if args.int32_bias else None)
     seconds = time.perf_counter() - started
     encodings = export_encodings(sim, args.encodings or args.out.with_suffix(".encodings.json"))
     print(f"wrote {path} ({seconds:.2f} s) and {encodings}")
+    return 0
+
+
+def run_gap(args: argparse.Namespace) -> int:
+    from clebench.data import datasets
+    from clebench.models import model_preprocessing
+    from clebench.runtimes.engines import runtime
+    from clebench.runtimes.gap import format_gap, layer_gap
+
+    runtime(args.runtime).runtime_info()  # a runtime that is not installed stops here, naming its extra
+    sim, _ = calibrated_row(args)
+    preprocessing = model_preprocessing(args.model)
+    test = datasets.load_images(args.dataset, "test", args.data_root, preprocessing, limit=args.images)
+    inputs = next(iter(datasets.batches(test, args.images, preprocessing)))[0]
+    gap = layer_gap(sim, inputs, runtime_name=args.runtime, mode=args.mode, threads=args.threads)
+    title = (f"{args.model} {args.steps} {args.quant}: {args.runtime} ({args.mode}) against the torch simulation on "
+             f"{len(inputs)} {args.dataset} test images")
+    print(format_gap(gap, title, args.threshold))
+    if args.csv:
+        gap.table.to_csv(args.csv, index=False, float_format="%.4f")
+        print(f"wrote {args.csv}")
     return 0
 
 
@@ -289,7 +341,7 @@ def is_user_error(error: BaseException) -> bool:
         return False
     innermost = traceback.extract_tb(error.__traceback__)[-1:]
     return bool(innermost) and Path(innermost[0].filename).resolve().is_relative_to(PACKAGE_DIR)
-COMMANDS = {"sweep": run_sweep, "report": run_report, "ranges": run_ranges, "check": run_check, "export": run_export,
+COMMANDS = {"sweep": run_sweep, "report": run_report, "ranges": run_ranges, "check": run_check, "export": run_export, "gap": run_gap,
             "cache": run_cache}
 
 

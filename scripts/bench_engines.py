@@ -1,8 +1,9 @@
 """Speed of the evaluation engines on the CIFAR-10 checkpoints (BN folded, W8A8 per tensor), from one run.
 
 Engines: torch FP32 eager (contiguous and channels_last), the torch simulation (contiguous and channels_last),
-onnxruntime-sim and onnxruntime-int8 (session creation included), plus the export time of each ONNX variant, and
-where Runtime spends its kernel time (its profiler, one more pass per mode).
+onnxruntime-sim / -int8 and openvino-sim / -int8 (session creation / compilation included), plus the export time of
+each ONNX variant, how many conv / matmul layers each runtime ran on integers, and where ONNX Runtime spends its kernel
+time (its profiler, one more pass per mode).
 Engines are interleaved over --repeats rounds and each one's fastest round is kept, as this machine is shared;
 ratios are against the torch simulation in the same run.
 
@@ -23,7 +24,9 @@ from clebench.data.datasets import batches, load_images
 from clebench.evaluation import agreement, evaluate
 from clebench.runtimes.export import export_onnx
 from clebench.models import model_preprocessing
-from clebench.runtimes.onnxruntime import evaluate_onnx, runtime_info, session_options
+from clebench.runtimes import MODES, RUNTIMES
+from clebench.runtimes.engines import runtime
+from clebench.runtimes.onnxruntime import runtime_info, session_options
 from clebench.sweep.prepare import calibrated_sim, prepare_fp32
 
 MODELS = ("resnet18_cifar10", "mobilenet_v2_cifar10")
@@ -54,6 +57,11 @@ def op_shares(path: Path, mode: str, loader: list, threads: int, top: int = 5) -
     return ", ".join(f"{op} {100 * micros / whole:.0f} %" for op, micros in totals.most_common(top))
 
 
+def runtime_engine(name: str, path: Path, mode: str, loader: list, threads: int):
+    """A call that evaluates the model at `path` on runtime `name` in `mode` (compilation included)."""
+    return lambda: runtime(name).evaluate_onnx(path, loader, mode=mode, threads=threads, progress=False)
+
+
 def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> tuple[list[str], list[str]]:
     """(speed table rows, kernel-time table rows) of model `name`."""
     preprocessing = model_preprocessing(name)
@@ -73,9 +81,8 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> tuple[lis
         "torch FP32 channels_last": lambda: evaluate(state.model, loader, progress=False, channels_last=True),
         "torch sim": lambda: evaluate(sim.model, loader, progress=False, channels_last=False),
         "torch sim channels_last": lambda: evaluate(sim.model, loader, progress=False, channels_last=True),
-        "onnxruntime-sim": lambda: evaluate_onnx(paths["sim"], loader, mode="sim", threads=args.threads, progress=False),
-        "onnxruntime-int8": lambda: evaluate_onnx(paths["int8"], loader, mode="int8", threads=args.threads,
-                                                  progress=False),
+        **{f"{name}-{mode}": runtime_engine(name, paths[mode], mode, loader, args.threads)
+           for name in RUNTIMES for mode in MODES},
     }
     best, results = dict.fromkeys(engines, float("inf")), {}
     for _ in range(args.repeats):
@@ -85,10 +92,15 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> tuple[lis
     lines = []
     for engine in engines:
         same = agreement(results[engine], results["torch FP32" if engine.startswith("torch FP32") else "torch sim"])
+        integer = ""
+        if engine.split("-")[0] in RUNTIMES:
+            runtime_name, mode = engine.rsplit("-", 1)
+            precision = runtime(runtime_name).layer_precision(paths[mode], mode, args.threads)
+            integer = f"{precision.integer} / {precision.total}"
         lines.append(f"| {name} | {engine} | {best[engine]:.2f} | {best['torch sim'] / best[engine]:.2f}x | "
-                     f"{results[engine]['top1']:.2f} | {same:.2f} |")
+                     f"{results[engine]['top1']:.2f} | {same:.2f} | {integer} |")
     lines.append(f"| {name} | export (sim / int8 variant) | {export_seconds['sim']:.2f} / {export_seconds['int8']:.2f} "
-                 "| | | |")
+                 "| | | | |")
     shares = [f"| {name} | onnxruntime-{mode} | {op_shares(paths[mode], mode, loader, args.threads)} |"
               for mode in ("sim", "int8")]
     return lines, shares
@@ -108,11 +120,13 @@ def main() -> None:
     info = runtime_info()
     lines = [
         f"{args.images} CIFAR-10 test images, batch 500, {args.threads} threads, fastest of {args.repeats} interleaved "
-        f"rounds; onnxruntime {info['onnxruntime_version']}, torch {torch.__version__}, CPU {info['cpu']} "
-        f"(int8 GEMM path: {info['int8_gemm_path']}). same = % of images whose top-1 equals torch FP32's (FP32 rows) or the torch simulation's (the others).",
+        f"rounds; onnxruntime {info['onnxruntime_version']}, openvino {runtime('openvino').runtime_info()['version']}, "
+        f"torch {torch.__version__}, CPU {info['cpu']} (int8 GEMM path: {info['int8_gemm_path']}). same = % of images "
+        "whose top-1 equals torch FP32's (FP32 rows) or the torch simulation's (the others); integer layers = conv / "
+        "matmul layers the runtime ran on integers, of all.",
         "",
-        "| model | engine | seconds | vs torch sim | top-1 | same |",
-        "|:--|:--|--:|--:|--:|--:|",
+        "| model | engine | seconds | vs torch sim | top-1 | same | integer layers |",
+        "|:--|:--|--:|--:|--:|--:|--:|",
     ]
     shares = ["", "Where Runtime spends its kernel time (share of the summed kernel times, largest five op types):", "",
               "| model | engine | op types |", "|:--|:--|:--|"]

@@ -21,7 +21,8 @@ import torch
 from clebench.data.datasets import batches, load_images
 from clebench.evaluation import agreement, evaluate
 from clebench.models import model_preprocessing
-from clebench.runtimes.onnxruntime import evaluate_quantized, runtime_info
+from clebench.runtimes.engines import evaluate_quantized
+from clebench.runtimes.onnxruntime import runtime_info
 from clebench.sweep.prepare import calibrated_sim, prepare_fp32
 
 ROWS = {

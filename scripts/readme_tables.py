@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from clebench.reporting.report import STEP_LABELS, read_table
-from clebench.sweep.results import KEY_COLUMNS, RESULT_COLUMNS
+from clebench.reporting.report import STEP_LABELS, read_results_table
+from clebench.sweep.results import KEY_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = [ROOT / "README.md", ROOT / "results" / "cifar10" / "README.md"]
@@ -55,7 +55,7 @@ def markdown(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1
 
 
 def _results(folder: str) -> pd.DataFrame:
-    table = read_table(ROOT / "results" / folder / "results.csv", RESULT_COLUMNS, [*KEY_COLUMNS, "config_hash"])
+    table = read_results_table(ROOT / "results" / folder / "results.csv")
     return table.drop_duplicates(KEY_COLUMNS, keep="last").set_index(["steps", "quant"])
 
 

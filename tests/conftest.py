@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from clebench.activations import ChannelClippedReLU
+from clebench.quant import QuantConfig, QuantSim
 from sweeps import CONFIG, run_sweep
 
 
@@ -105,3 +106,41 @@ def _private_image_cache(tmp_path_factory):
     patch.setenv("CLEBENCH_CACHE", str(tmp_path_factory.mktemp("image-cache")))
     yield
     patch.undo()
+
+
+def require_extra(module: str):
+    """Import an optional extra's module for a test file: skip without it, except under CI (env CI set), where the
+    extra is installed on purpose and a missing one must fail the run rather than skip its tests."""
+    if os.environ.get("CI"):
+        return __import__(module)
+    return pytest.importorskip(module)
+
+
+# An exactly representable sim (tests of the runtimes: they must reproduce it bit for bit).
+
+INPUT = torch.zeros(1, 3, 8, 8)
+GRID = (-8.0, 7.9375)  # an 8-bit asymmetric grid with scale exactly 1/16 (zero point 128)
+
+
+def exact_sim(config: QuantConfig = QuantConfig()) -> QuantSim:
+    """A sim whose every product and sum is exact in float32: weights k/64 (scale 1/64), activations on 1/16 steps,
+    biases on 1/1024 steps, so any summation order gives the same bits and both engines must agree exactly."""
+    generator = torch.Generator().manual_seed(0)
+    model = ClippedNet().eval()
+    with torch.no_grad():
+        for layer in (model.conv1, model.conv2, model.conv3, model.fc):
+            weight = torch.randint(-127, 128, layer.weight.shape, generator=generator).float()
+            weight.view(-1)[0] = 127.0  # max |w| = 127/64, so the per-tensor scale is 1/64
+            layer.weight.copy_(weight / 64)
+            layer.bias.copy_(torch.randint(-512, 512, layer.bias.shape, generator=generator).float() / 1024)
+    sim = QuantSim(model, INPUT, config)
+    sim.set_activation_ranges({name: GRID for name in sim.quantizer_names() if not name.endswith((".weight", ".bias"))})
+    return sim
+
+
+def loader(batches: int = 3, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(32, 3, 8, 8, generator=generator) * 3, torch.randint(0, 3, (32,), generator=generator))
+            for _ in range(batches)]
+
+

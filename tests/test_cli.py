@@ -27,6 +27,17 @@ def test_missing_optional_extra_is_one_line(capsys, monkeypatch, tmp_path):
     assert 'pip install -e ".[zoo]"' in err
 
 
+@pytest.mark.parametrize("argv", [
+    ["gap", "resnet18_cifar10", "--runtime", "openvino"],
+    ["sweep", str(CONFIGS / "cifar10_ci_deploy.toml")],
+])
+def test_a_runtime_that_is_not_installed_is_one_line_naming_its_extra(capsys, monkeypatch, tmp_path, argv):
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    monkeypatch.chdir(tmp_path)
+    err = one_line_error(capsys, [*argv, "--data-root", str(tmp_path)])
+    assert 'openvino is not installed: pip install -e ".[openvino]"' in err
+
+
 def test_missing_data_root_names_the_flag(capsys, monkeypatch, tmp_path):
     monkeypatch.delenv("CLEBENCH_DATA", raising=False)
     err = one_line_error(capsys, ["sweep", str(CONFIGS / "cifar10_ci.toml"), "--out", str(tmp_path / "out")])

@@ -221,16 +221,16 @@ def test_accuracy_chart_is_dots_not_lines(results_dir: Path):
 
 def test_every_deployed_runtime_gets_its_table(results_dir: Path):
     rows = pd.read_csv(results_dir / "results.csv", dtype={"config_hash": str})
-    rows["int8_top1"], rows["int8_agreement"] = rows["quant_top1"] - 0.5, 99.5
-    rows["openvino_int8_top1"] = rows["quant_top1"] + 0.25  # a runtime without an agreement column
+    rows["int8_top1"], rows["int8_agreement"] = rows["quant_top1"] - 0.5, 99.5  # an older folder's ONNX Runtime
+    rows["openvino_top1"] = rows["quant_top1"] + 0.25  # a runtime without an agreement column
     rows.to_csv(results_dir / "results.csv", index=False)
     write_report(results_dir)
     markdown = (results_dir / "results.md").read_text(encoding="utf-8")
     assert _table_rows(markdown, "### Simulated vs real int8 (ONNX Runtime) top-1 (%)")[0][1] == "10.25 / 9.75 (99.5)"
-    assert _table_rows(markdown, "### Simulated vs openvino_int8 top-1 (%)")[4][2] == "45.12 / 45.38"
+    assert _table_rows(markdown, "### Simulated vs real int8 (OpenVINO) top-1 (%)")[4][2] == "45.12 / 45.38"
     assert "Simulated vs delta" not in markdown
     page = _page(results_dir)
-    assert "Simulated vs openvino_int8 top-1 (%)" in page and '<td class="r">10.25 / 9.75 (99.5)</td>' in page
+    assert "Simulated vs real int8 (OpenVINO) top-1 (%)" in page and '<td class="r">10.25 / 9.75 (99.5)</td>' in page
 
 
 def test_diagnostics_csvs_are_tables_and_sensitivity_a_chart(results_dir: Path):

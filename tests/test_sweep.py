@@ -18,6 +18,7 @@ from clebench.reporting.report import write_report
 from clebench.reporting.regression import check, format_check, results_config, results_device, write_baseline
 from clebench.sweep.results import (
     KEY_COLUMNS,
+    RESULT_COLUMNS,
     FolderLock,
     RowKey,
     labels_name,
@@ -25,9 +26,11 @@ from clebench.sweep.results import (
     read_json,
     read_predictions,
     write_json,
+    deploy_columns,
     write_predictions,
 )
 from clebench.sweep.run import SweepError, run_sweep as run_sweep_in_process
+from conftest import require_extra
 from sweeps import CONFIG, kill_after_rows, run_sweep, without_timing
 
 
@@ -212,23 +215,29 @@ def test_gpu_sweeps_that_cannot_work_are_refused_before_any_work(tmp_path, chang
 
 
 @pytest.mark.slow
-def test_a_sweep_on_onnxruntime_with_int8_deployment(tmp_path, data_root, models_dir):
-    pytest.importorskip("onnxruntime")
-    config = parse_config(tomllib.loads(CONFIG.replace('steps = ["bn_fold", "bn_fold+relu6_to_relu", ', 'steps = [')
-                                        .replace(', "w4a8_per_tensor_minmax"]', "]")
-                                        + '[eval]\nengine = "onnxruntime"\ndeploy = ["onnxruntime"]\n'))
-    torch_rows = run_sweep_in_process(parse_config(tomllib.loads(CONFIG)), tmp_path / "torch", data_root=data_root,
+def test_a_sweep_on_openvino_deployed_to_both_runtimes(tmp_path, data_root, models_dir):
+    require_extra("onnxruntime")
+    require_extra("openvino")
+    two_rows = (CONFIG.replace('steps = ["bn_fold", "bn_fold+relu6_to_relu", ', 'steps = [')
+                .replace(', "w4a8_per_tensor_minmax"]', "]"))
+    config = parse_config(tomllib.loads(two_rows + '[eval]\nengine = "openvino"\ndeploy = ["onnxruntime", "openvino"]\n'))
+    torch_rows = run_sweep_in_process(parse_config(tomllib.loads(two_rows)), tmp_path / "torch", data_root=data_root,
                                       models_dir=models_dir, progress=False).table
-    outcome = run_sweep_in_process(config, tmp_path / "ort", data_root=data_root, models_dir=models_dir, progress=False)
+    outcome = run_sweep_in_process(config, tmp_path / "ov", data_root=data_root, models_dir=models_dir, progress=False)
     rows = outcome.table
-    assert list(rows.columns[-3:]) == ["int8_top1", "int8_top5", "int8_agreement"] and len(rows) == 2
-    assert (rows["int8_agreement"] >= 90).all() and rows["int8_top1"].notna().all()
+    assert list(rows.columns[len(RESULT_COLUMNS):]) == deploy_columns(["onnxruntime", "openvino"]) and len(rows) == 2
+    for target in ("onnxruntime", "openvino"):
+        assert (rows[f"{target}_agreement"] >= 90).all() and rows[f"{target}_top1"].notna().all()
+        # MobileNetV2-CIFAR: 52 convolutions and the classifier, every one on integers
+        assert (rows[f"{target}_integer_layers"] == 53).all() and (rows[f"{target}_float_layers"] == 0).all()
     same = rows.merge(torch_rows, on=KEY_COLUMNS, suffixes=("", "_torch"))
     assert (abs(same["quant_top1"] - same["quant_top1_torch"]) <= 5.0).all()  # at most one image of 20 flips
-    predictions = read_predictions(tmp_path / "ort" / "predictions.npz")
-    assert sum(name.endswith("|int8") for name in predictions) == 2
-    meta = read_json(tmp_path / "ort" / "meta.json")
-    assert meta["onnxruntime"]["onnxruntime_version"] and "vnni" in meta["onnxruntime"]
-    assert not (tmp_path / "ort" / ".memo").exists()
-    write_report(tmp_path / "ort")
-    assert "Simulated vs real int8 (ONNX Runtime)" in (tmp_path / "ort" / "results.md").read_text()
+    predictions = read_predictions(tmp_path / "ov" / "predictions.npz")
+    assert sum(name.endswith(("|onnxruntime", "|openvino")) for name in predictions) == 4
+    meta = read_json(tmp_path / "ov" / "meta.json")
+    assert meta["onnxruntime"]["version"] and "vnni" in meta["onnxruntime"] and meta["openvino"]["version"]
+    assert set(meta["openvino"]["layers_per_row"].values()) == {"53 integer, 0 float"}
+    assert not (tmp_path / "ov" / ".memo").exists()
+    write_report(tmp_path / "ov")
+    markdown = (tmp_path / "ov" / "results.md").read_text()
+    assert "Simulated vs real int8 (ONNX Runtime)" in markdown and "Simulated vs real int8 (OpenVINO)" in markdown

@@ -28,6 +28,7 @@ from matplotlib.ticker import LogFormatter, MaxNLocator
 
 from clebench.errors import UserError
 from clebench.reporting import html
+from clebench.runtimes import RUNTIME_LABELS
 from clebench.sweep.results import (
     CHANNEL_RANGES_COLUMNS,
     CHANNEL_RANGES_FILE,
@@ -41,7 +42,10 @@ from clebench.sweep.results import (
     RESULT_COLUMNS,
     RESULTS_FILE,
     SENSITIVITY_FILE,
+    deploy_column,
+    deploy_targets,
     read_json,
+    upgrade_legacy,
 )
 from clebench.sweep.steps import NO_STEPS, STEP_ORDER
 
@@ -58,9 +62,8 @@ STEP_LABELS = {
 ABBREVIATIONS = ("BN fold: batch-norm folding; CLS: cross-layer scaling (ReLU6 kept: chains end at ReLU6; ReLU6 clip: "
                  "scaled through ReLU6, made a per-channel clip); HBF: high-bias folding; BC: analytical bias correction "
                  "(empirical: from calibration data).")
-RUNTIME_LABELS = {"int8": "real int8 (ONNX Runtime)"}
-DEPLOY_NOTE = ("Each cell: simulated / {} (agreement: % of images with the same top-1 class as the simulation, where "
-               "recorded).")
+DEPLOY_NOTE = ("Each cell: simulated / {}'s int8 kernels (agreement: % of images with the same top-1 class as the "
+               "simulation).")
 DIAGNOSTICS = ((CLE_SETS_FILE, "CLE: cross-layer-scaling sets"), (CLE_SKIPPED_FILE, "CLE: layers left alone"),
                (SENSITIVITY_FILE, "Per-layer sensitivity"))
 MISSING = html.MISSING
@@ -175,34 +178,53 @@ def accuracy_table(group: pd.DataFrame, metric: str) -> str:
 
 
 def deploy_runtimes(results: pd.DataFrame) -> list[str]:
-    """Prefixes of the deployed-runtime columns that hold a value: '<runtime>_top1' beside the simulated quant_top1
-    (today 'int8', from DEPLOY_COLUMNS); a runtime's optional '<runtime>_agreement' is % of images whose top-1 class
-    equals the simulation's."""
-    return [c.removesuffix("_top1") for c in results.columns
-            if c.endswith("_top1") and c not in RESULT_COLUMNS and results[c].notna().any()]
+    """The deploy targets (clebench.runtimes.RUNTIME_LABELS) whose top-1 column holds a value in `results`."""
+    return [t for t in deploy_targets(results.columns) if results[deploy_column(t, "top1")].notna().any()]
 
 
-def runtime_label(runtime: str) -> str:
-    return RUNTIME_LABELS.get(runtime, runtime)
-
-
-def deploy_cells(group: pd.DataFrame, runtime: str) -> Table:
-    """One model's rows = step combinations; per quant setting 'simulated / <runtime> (agreement)' top-1 (%)."""
+def deploy_cells(group: pd.DataFrame, target: str) -> Table:
+    """One model's rows = step combinations; per quant setting 'simulated / `target` (agreement)' top-1 (%), and how
+    many conv / matmul layers ran in float where any did."""
     quants = list(dict.fromkeys(group["quant"]))
+    top1, agree, floats = (deploy_column(target, m) for m in ("top1", "agreement", "float_layers"))
     cells = group.set_index(["steps", "quant"])
-    agreement = f"{runtime}_agreement"
     rows = []
     for steps in sorted_steps(group["steps"]):
         row = [step_label(steps)]
         for quant in quants:
-            if (steps, quant) not in cells.index or cells.loc[(steps, quant), ["quant_top1", f"{runtime}_top1"]].isna().any():
+            values = cells.loc[(steps, quant), ["quant_top1", top1]] if (steps, quant) in cells.index else None
+            if values is None or values.isna().any():
                 row.append(MISSING)
                 continue
-            sim, deployed = cells.loc[(steps, quant), ["quant_top1", f"{runtime}_top1"]]
-            agree = cells.loc[(steps, quant), agreement] if agreement in cells else math.nan
-            row.append(f"{sim:.2f} / {deployed:.2f}" + ("" if pd.isna(agree) else f" ({agree:.1f})"))
+            agreement = cells.loc[(steps, quant), agree] if agree in cells.columns else math.nan
+            cell = f"{values.iloc[0]:.2f} / {values.iloc[1]:.2f}" + ("" if pd.isna(agreement) else f" ({agreement:.1f})")
+            fallback = cells.loc[(steps, quant), floats] if floats in cells.columns else 0
+            row.append(cell if pd.isna(fallback) or fallback == 0 else f"{cell} ⚠ {int(fallback)} float layer(s)")
         rows.append(row)
     return ["Steps", *quants], rows, [False] + [True] * len(quants)
+
+
+def layer_precision_line(group: pd.DataFrame, target: str) -> str:
+    """How `target` ran the conv / matmul layers of this model's rows, from the _integer_layers / _float_layers
+    columns ("" for folders written before they existed)."""
+    integer, floats = deploy_column(target, "integer_layers"), deploy_column(target, "float_layers")
+    if integer not in group or group[integer].isna().all():
+        return ""
+    known = group[group[integer].notna()]
+    fell_back = int((known[floats] > 0).sum())
+    totals = sorted({int(i + f) for i, f in zip(known[integer], known[floats])})
+    summary = (f"every conv / matmul layer ran on integers in all {len(known)} rows" if not fell_back else
+               f"{fell_back} of {len(known)} rows ran some conv / matmul layers in float (marked ⚠)")
+    return f"{RUNTIME_LABELS[target]}: {summary} ({'/'.join(map(str, totals))} such layers per row)."
+
+
+def read_results_table(path: Path) -> pd.DataFrame:
+    """results.csv (read_table), with an older folder's int8_* columns under ONNX Runtime's names and every deploy
+    column numeric (blank: not deployed)."""
+    results = upgrade_legacy(read_table(path, RESULT_COLUMNS, [*KEY_COLUMNS, "config_hash"]))
+    deployed = [c for c in results.columns if c not in RESULT_COLUMNS]
+    results[deployed] = results[deployed].apply(pd.to_numeric, errors="coerce")
+    return results
 
 
 def _groups(results: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
@@ -244,9 +266,11 @@ def results_markdown(results: pd.DataFrame, source: str = "results.csv") -> str:
         ]
         for metric, title in (("top1", "Top-1"), ("top5", "Top-5")):
             lines += ["", f"### {title} accuracy (%)", "", accuracy_table(group, metric)]
-        for runtime in deploy_runtimes(group):
-            lines += ["", f"### Simulated vs {runtime_label(runtime)} top-1 (%)", "", DEPLOY_NOTE.format(runtime), "",
-                      markdown_table(*deploy_cells(group, runtime))]
+        for target in deploy_runtimes(group):
+            precision = layer_precision_line(group, target)
+            lines += ["", f"### Simulated vs real int8 ({RUNTIME_LABELS[target]}) top-1 (%)", "",
+                      DEPLOY_NOTE.format(RUNTIME_LABELS[target]), *([precision] if precision else []), "",
+                      markdown_table(*deploy_cells(group, target))]
     return "\n".join(lines) + "\n"
 
 
@@ -282,9 +306,9 @@ def accuracy_figure(group: pd.DataFrame, title: str) -> Figure:
         ax.plot(rows["quant_top1"].to_numpy(), band + offsets[i], linestyle="none", marker=marker, color=color,
                 markersize=7, label=f"{quant} (simulated)" if runtimes else quant)
         for runtime in runtimes:
-            ax.plot(rows[f"{runtime}_top1"].to_numpy(), band + offsets[i], linestyle="none", marker=marker,
-                    markersize=11, markerfacecolor="none", markeredgecolor=color,
-                    label=f"{quant}, {runtime_label(runtime)}")
+            ax.plot(rows[deploy_column(runtime, "top1")].to_numpy(), band + offsets[i], linestyle="none",
+                    marker=marker, markersize=11, markerfacecolor="none", markeredgecolor=color,
+                    label=f"{quant}, int8 on {RUNTIME_LABELS[runtime]}")
     ax.set_yticks(band, [step_label(s) for s in steps], fontsize=8)
     ax.set_ylim(len(steps) - 0.5, -0.5)
     ax.set_xlabel("top-1 accuracy (%)")
@@ -435,7 +459,7 @@ class Part(NamedTuple):
 
 def _results_part(results_dir: Path) -> Part:
     """results.md, and per model: its accuracy tables (top-1, top-5, each deployed runtime) and the accuracy chart."""
-    results = read_table(results_dir / RESULTS_FILE, RESULT_COLUMNS, [*KEY_COLUMNS, "config_hash"])
+    results = read_results_table(results_dir / RESULTS_FILE)
     markdown_path = results_dir / "results.md"
     markdown_path.write_text(results_markdown(results), encoding="utf-8")
     written = [markdown_path]
@@ -459,10 +483,12 @@ def _results_part(results_dir: Path) -> Part:
                       html.figure(chart, f"{model}: quantized top-1 per step combination (FP32: black bar)")]
         for metric, name in (("top1", "Top-1"), ("top5", "Top-5")):
             fragments += [f"<h4>{name} accuracy (%)</h4>", html.table(*accuracy_cells(group, metric))]
-        for runtime in deploy_runtimes(group):
-            fragments += [f"<h4>Simulated vs {html.escape(runtime_label(runtime))} top-1 (%)</h4>",
-                          f"<p class=\"note\">{html.escape(DEPLOY_NOTE.format(runtime))}</p>",
-                          html.table(*deploy_cells(group, runtime))]
+        for target in deploy_runtimes(group):
+            precision = layer_precision_line(group, target)
+            fragments += [f"<h4>Simulated vs real int8 ({html.escape(RUNTIME_LABELS[target])}) top-1 (%)</h4>",
+                          f"<p class=\"note\">{html.escape(DEPLOY_NOTE.format(RUNTIME_LABELS[target]))} "
+                          f"{html.escape(precision)}</p>",
+                          html.table(*deploy_cells(group, target))]
     return Part(fragments, written)
 
 

@@ -1,1 +1,6 @@
-"""Real runtimes for a QuantSim: the ONNX QDQ export (`export`) and the engines that run it (`onnxruntime`)."""
+"""Real runtimes for a QuantSim: the ONNX QDQ export (`export`), the runtimes that run it (`onnxruntime`, `openvino`)
+behind one interface (`engines`), and where a runtime parts from the simulation (`gap`)."""
+
+RUNTIMES = ("onnxruntime", "openvino")  # deploy targets and simulation engines besides torch
+RUNTIME_LABELS = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
+MODES = ("sim", "int8")  # sim: the simulation's float arithmetic; int8: the runtime's integer kernels, as deployed

@@ -1,4 +1,5 @@
-"""Evaluate exported QDQ models with ONNX Runtime on the CPU, in two modes, and describe the runtime.
+"""Evaluate exported QDQ models with ONNX Runtime on the CPU, in two modes, and describe the runtime
+(the interface every runtime module has: clebench.runtimes.engines).
 
 * "sim": QDQ fusion disabled (session.disable_quant_qdq), so Runtime runs float kernels between explicit
   QuantizeLinear / DequantizeLinear: the simulator's arithmetic, on a faster CPU engine.
@@ -17,16 +18,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clebench.evaluation import accuracy, evaluate
-from clebench.runtimes.export import cached_export, require
-from clebench.quant.sim import QuantSim
+from clebench.evaluation import accuracy
+from clebench.runtimes import MODES
+from clebench.runtimes.engines import LayerPrecision
+from clebench.runtimes.export import require
 
-MODES = ("sim", "int8")
-ENGINES = ("torch", "onnxruntime-sim", "onnxruntime-int8")
 # ops that run on integers after Runtime's QDQ fusion (contrib QLinear* ops live in com.microsoft)
 INTEGER_OPS = {"QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul",
                "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat", "QLinearSigmoid",
                "QLinearLeakyRelu", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+# conv / matmul layers as Runtime runs them: on integers (after QDQ fusion) or in float
+INTEGER_LAYER_OPS = {"QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "QGemm", "DynamicQuantizeMatMul",
+                     "MatMulIntegerToFloat"}
+FLOAT_LAYER_OPS = {"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "NhwcFusedConv"}
 FLOAT_COMPUTE_OPS = {"Conv", "Gemm", "MatMul", "Add", "Mul", "GlobalAveragePool", "AveragePool", "FusedConv",
                      "FusedGemm", "FusedMatMul", "Concat"}
 CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
@@ -49,6 +53,7 @@ def session_options(mode: str, threads: int | None = None, optimized_path: str |
         options.add_session_config_entry("session.disable_quant_qdq", "1")
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
+        options.log_severity_level = 3  # not the warning that an optimized model is specific to this machine
     return options
 
 
@@ -82,17 +87,60 @@ def evaluate_onnx(path: str | os.PathLike, loader: Iterable, *, mode: str, threa
     return accuracy(forward, loader, progress=progress, desc=desc or f"onnxruntime-{mode}")
 
 
+def optimized_graph(path: str | os.PathLike, mode: str = "int8"):
+    """The onnx GraphProto Runtime actually runs for `path` in `mode`, after its optimizations."""
+    with tempfile.TemporaryDirectory() as folder:
+        optimized = Path(folder) / "optimized.onnx"
+        make_session(path, mode, 1, optimized)
+        return require("onnx").load(str(optimized), load_external_data=False).graph
+
+
 def int8_kernels(path: str | os.PathLike, mode: str = "int8") -> dict[str, int]:
     """Op types of the graph Runtime actually runs for `path` in `mode` (after its optimizations), with counts.
 
     In int8 mode a layer that ran as an integer kernel shows up as QLinearConv / QGemm / ...; one left as Conv /
     Gemm ran in float on dequantized values (its QDQ pattern was not fused).
     """
+    return dict(sorted(Counter(node.op_type for node in optimized_graph(path, mode).node).items()))
+
+
+def layer_precision(path: str | os.PathLike, mode: str = "int8", threads: int | None = None) -> LayerPrecision:
+    """Which conv / matmul layers Runtime runs on integers for `path` in `mode` (its optimized graph's op types:
+    QLinearConv, ConvInteger, MatMulInteger, QGemm ... are integer; Conv, Gemm, MatMul and their fused forms float).
+
+    threads: unused (the optimized graph does not depend on it); there for the runtimes' common interface.
+    """
+    nodes = optimized_graph(path, mode).node
+    return LayerPrecision(sum(node.op_type in INTEGER_LAYER_OPS for node in nodes),
+                          tuple(node.name or node.output[0] for node in nodes if node.op_type in FLOAT_LAYER_OPS))
+
+
+def tensors(path: str | os.PathLike, inputs: torch.Tensor, names: list[str], *, mode: str = "int8",
+            threads: int | None = None) -> tuple[dict[str, np.ndarray], LayerPrecision]:
+    """The tensors `names` of the model at `path` for `inputs` [B, ...], made extra graph outputs, as Runtime computes
+    them in `mode` ({name: array}), and the layer precision of that probed model (an extra output can stop Runtime
+    fusing the node that makes it)."""
     with tempfile.TemporaryDirectory() as folder:
-        optimized = Path(folder) / "optimized.onnx"
-        make_session(path, mode, 1, optimized)
-        graph = require("onnx").load(str(optimized), load_external_data=False).graph
-        return dict(sorted(Counter(node.op_type for node in graph.node).items()))
+        probed = with_outputs(path, names, Path(folder) / "probed.onnx")
+        session = make_session(probed, mode, threads)
+        array = np.ascontiguousarray(inputs.detach().cpu().numpy(), dtype=np.float32)
+        values = session.run(names, {session.get_inputs()[0].name: array})
+        return dict(zip(names, values)), layer_precision(probed, mode)
+
+
+def with_outputs(path: str | os.PathLike, names: list[str], out: str | os.PathLike) -> Path:
+    """Write the model at `path` to `out` with the float tensors `names` added as graph outputs."""
+    onnx = require("onnx")
+    model = onnx.load(str(path))
+    known = {output for node in model.graph.node for output in node.output}
+    missing = [name for name in names if name not in known]
+    if missing:
+        raise ValueError(f"{path} has no tensor named {', '.join(missing[:5])}")
+    present = {output.name for output in model.graph.output}
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                              for name in names if name not in present)
+    onnx.save(model, str(out))
+    return Path(out)
 
 
 def _cpu_info() -> tuple[str, set[str]]:
@@ -124,14 +172,14 @@ def int8_gemm_path(flags: set[str]) -> str:
 
 
 def runtime_info(model_path: str | os.PathLike | None = None) -> dict:
-    """onnx / onnxruntime versions, the CPU and its int8-relevant flags, for meta.json.
+    """onnx / onnxruntime versions ("version": Runtime's), the CPU and its int8-relevant flags, for meta.json.
 
     With `model_path`, also the op counts Runtime runs for it in int8 mode (`int8_kernels`).
     """
     ort, onnx = require("onnxruntime"), require("onnx")
     model, flags = _cpu_info()
     info = {
-        "onnxruntime_version": ort.__version__, "onnx_version": onnx.__version__, "cpu": model,
+        "version": ort.__version__, "onnxruntime_version": ort.__version__, "onnx_version": onnx.__version__, "cpu": model,
         "cpu_flags": {flag: flag in flags for flag in CPU_FLAGS},
         "vnni": bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags),
         "int8_gemm_path": int8_gemm_path(flags) if flags else "unknown (no /proc/cpuinfo)",
@@ -139,20 +187,3 @@ def runtime_info(model_path: str | os.PathLike | None = None) -> dict:
     if model_path is not None:
         info["int8_kernels"] = int8_kernels(model_path)
     return info
-
-
-def evaluate_quantized(sim: QuantSim, dummy_input: torch.Tensor, loader: Iterable, *, engine: str,
-                       workdir: str | os.PathLike, threads: int | None = None, device: str | torch.device = "cpu",
-                       progress: bool = True, desc: str | None = None) -> dict:
-    """Evaluate `sim` with `engine` ("torch", "onnxruntime-sim" or "onnxruntime-int8"); evaluate()'s dict.
-
-    The ONNX engines export into `workdir` (reusing a verified earlier export of the same sim). onnxruntime-int8
-    always exports int32 biases, as integer kernels need them; onnxruntime-sim exports the sim as it is.
-    """
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    if engine == "torch":
-        return evaluate(sim.model, loader, device, progress=progress, desc=desc)
-    mode = engine.removeprefix("onnxruntime-")
-    path = cached_export(sim, dummy_input, workdir, int32_bias=True if mode == "int8" else None)
-    return evaluate_onnx(path, loader, mode=mode, threads=threads, progress=progress, desc=desc)

@@ -16,8 +16,9 @@
     download = true              # cifar10 | cifar100 | imagenette: torchvision fetches them into the data root if absent
 
     [eval]                       # optional; the default evaluates the torch simulation only
-    engine = "torch"             # or "onnxruntime": the simulation on ONNX Runtime's float kernels (faster on CPUs)
-    deploy = ["onnxruntime"]     # also run each quantized row on real int8 kernels: int8_top1/top5/agreement columns
+    engine = "torch"             # or "onnxruntime" / "openvino": the simulation on that runtime's float kernels (CPU)
+    deploy = ["onnxruntime", "openvino"]   # also run each quantized row on each runtime's integer kernels:
+                                 # <target>_top1/_top5/_agreement/_integer_layers/_float_layers columns
 
     [execution]                  # optional; where it runs changes no number, so it is not part of the config hash
     ray = "local"                # or "auto" / "HOST:PORT": run the work units as Ray tasks
@@ -44,6 +45,7 @@ from typing import Any
 from clebench.sweep import steps
 from clebench.errors import UserError
 from clebench.quant import QuantConfig
+from clebench.runtimes import RUNTIMES
 
 DATASETS = ("cifar10", "cifar100", "imagenet", "imagenette")
 FIRST_DEPTHWISE = "first_depthwise"
@@ -86,14 +88,14 @@ class DataSpec:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("hashed", True)}
 
 
-ENGINES = ("torch", "onnxruntime")
-DEPLOY_TARGETS = ("onnxruntime",)
+ENGINES = ("torch", *RUNTIMES)
+DEPLOY_TARGETS = RUNTIMES
 
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """How quantized rows are evaluated: `engine` runs the simulation (torch, or ONNX Runtime's float kernels on the
-    exported QDQ model); each `deploy` target also runs the same network on real int8 kernels."""
+    """How quantized rows are evaluated: `engine` runs the simulation (torch, or a runtime's float kernels on the
+    exported QDQ model); each `deploy` target also runs the same network on that runtime's integer kernels."""
 
     engine: str = "torch"
     deploy: tuple[str, ...] = ()
@@ -274,6 +276,8 @@ def _eval(table: Any) -> EvalSpec:
     deploy = table.get("deploy", [])
     if not isinstance(deploy, list) or any(target not in DEPLOY_TARGETS for target in deploy):
         raise ConfigError(f"eval.deploy must be a list of {', '.join(DEPLOY_TARGETS)}, got {deploy!r}")
+    if len(set(deploy)) != len(deploy):
+        raise ConfigError(f"eval.deploy lists a target twice: {deploy!r}")
     return EvalSpec(engine, tuple(deploy))
 
 

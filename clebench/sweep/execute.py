@@ -33,7 +33,7 @@ from clebench.models import Preprocessing, load_model, model_preprocessing
 from clebench.sweep.plan import WorkUnit, combination_of
 from clebench.precision import fp32_precision
 from clebench.quant import QuantConfig, QuantSim
-from clebench.sweep.results import RowKey, labels_name, prediction_name
+from clebench.sweep.results import RowKey, deploy_column, labels_name, prediction_name
 
 
 @dataclass(frozen=True)
@@ -233,10 +233,13 @@ class _UnitRun:
         self.result.predictions[prediction_name(key, "fp32")] = fp32["predictions"].numpy()
         self.result.predictions[prediction_name(key, "quant")] = quant["predictions"].numpy()
         deployed = {}
-        if "int8" in quant:
-            int8 = quant["int8"]
-            self.result.predictions[prediction_name(key, "int8")] = int8["predictions"].numpy()
-            deployed = {"int8_top1": int8["top1"], "int8_top5": int8["top5"], "int8_agreement": agreement(int8, quant)}
+        for target in self.settings.config.eval.deploy:
+            run = quant["deploy"][target]
+            self.result.predictions[prediction_name(key, target)] = run["predictions"].numpy()
+            deployed |= {deploy_column(target, "top1"): run["top1"], deploy_column(target, "top5"): run["top5"],
+                         deploy_column(target, "agreement"): agreement(run, quant),
+                         deploy_column(target, "integer_layers"): run["integer_layers"],
+                         deploy_column(target, "float_layers"): len(run["float_layers"])}
         self.result.rows[key] = {
             **key._asdict(),
             "fp32_top1": fp32["top1"], "fp32_top5": fp32["top5"], "quant_top1": quant["top1"], "quant_top5": quant["top5"],
@@ -279,23 +282,44 @@ class _UnitRun:
         sim.set_activation_ranges(self._activation_ranges(sim, model_print, quant))
         desc = f"{self.result.unit.model.name} {quant.name}"
         engine = self.settings.config.eval.engine
-        accuracy = self._evaluate_sim(sim, "torch" if engine == "torch" else "onnxruntime-sim", desc)
-        if "onnxruntime" in self.settings.config.eval.deploy:
-            accuracy = accuracy | {"int8": self._evaluate_sim(sim, "onnxruntime-int8", f"{desc} int8")}
+        accuracy = self._evaluate_sim(sim, "torch" if engine == "torch" else f"{engine}-sim", desc)
+        deploy = self.settings.config.eval.deploy
+        if deploy:
+            accuracy = accuracy | {"deploy": {target: self._deploy(sim, target, f"{desc} {target} int8") for target in deploy}}
         self.memo.put("quantized", memo_key, accuracy)
         self.result.work.quantized_evaluations += 1
         return accuracy
 
     def _evaluate_sim(self, sim: QuantSim, engine: str, desc: str) -> dict:
-        """The simulation on torch, or exported and run by ONNX Runtime (engine of onnxruntime_engine.ENGINES)."""
+        """The simulation on torch, or exported and run by a runtime (engine of clebench.runtimes.engines.ENGINES)."""
         if engine == "torch":
             return self._evaluate(sim.model, desc)
-        from clebench.runtimes.onnxruntime import evaluate_quantized  # the onnx extra
+        from clebench.runtimes.engines import evaluate_quantized  # the onnx extra
 
         batches = datasets.batches(self.inputs.eval_set, self.settings.config.data.batch_size, self.inputs.preprocessing)
-        return evaluate_quantized(sim, self.inputs.calibration_batches[0][0][:1].cpu(), batches, engine=engine,
-                                  workdir=self.settings.scratch / "onnx", threads=torch.get_num_threads(),
-                                  progress=self.settings.progress, desc=desc)
+        return evaluate_quantized(sim, self._dummy_input(), batches, engine=engine, workdir=self._export_dir(),
+                                  threads=torch.get_num_threads(), progress=self.settings.progress, desc=desc)
+
+    def _deploy(self, sim: QuantSim, target: str, desc: str) -> dict:
+        """The row on `target`'s integer kernels: evaluate()'s dict, "integer_layers" (how many conv / matmul layers
+        ran on integers) and "float_layers" (the names of those that ran in float; plain data, as the memo stores it).
+        A layer the runtime ran in float is reported on stderr and counted in the row."""
+        from clebench.runtimes.engines import runtime  # the onnx extra
+        from clebench.runtimes.export import cached_export
+
+        accuracy = self._evaluate_sim(sim, f"{target}-int8", desc)
+        path = cached_export(sim, self._dummy_input(), self._export_dir(), int32_bias=True)
+        precision = runtime(target).layer_precision(path, "int8", torch.get_num_threads())
+        if precision.float_layers:
+            print(f"warning: {desc}: {target} ran {len(precision.float_layers)} of {precision.total} conv/matmul "
+                  f"layers in float: {', '.join(precision.float_layers)}", file=sys.stderr)
+        return accuracy | {"integer_layers": precision.integer, "float_layers": list(precision.float_layers)}
+
+    def _dummy_input(self) -> torch.Tensor:
+        return self.inputs.calibration_batches[0][0][:1].cpu()
+
+    def _export_dir(self) -> Path:
+        return self.settings.scratch / "onnx"
 
     def _activation_ranges(self, sim: QuantSim, model_print: str, quant: QuantConfig) -> dict:
         """Observed once per simulated FP32 model and activation setting (AIMET's rules observe quantized weights)."""

@@ -29,7 +29,7 @@ class Recorder:
 
     row_order: every row of the sweep, in config order. range_order: every (model, steps) whose ranges are recorded,
     in config order. meta: what meta.json records about this run (config, command, machine, device ...).
-    columns: of results.csv (RESULT_COLUMNS, then DEPLOY_COLUMNS for a sweep that deploys).
+    columns: of results.csv (RESULT_COLUMNS, then results.deploy_columns(targets) for a sweep that deploys).
     """
 
     def __init__(self, out: str | Path, meta: dict, row_order: Sequence[RowKey],
@@ -74,7 +74,7 @@ class Recorder:
         results.write_json(self.meta, meta_path)
         results_path = self.out / results.RESULTS_FILE
         if results_path.exists():
-            frame = pd.read_csv(results_path, dtype={"config_hash": str})
+            frame = results.upgrade_legacy(pd.read_csv(results_path, dtype={"config_hash": str}))
             self.rows = {RowKey(*(str(row[c]) for c in results.KEY_COLUMNS)): row for row in frame.to_dict("records")}
         self.layer_ranges = _read_by_prefix(self.out / results.RANGES_FILE)
         self.channel_ranges = _read_by_prefix(self.out / results.CHANNEL_RANGES_FILE)

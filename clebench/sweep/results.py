@@ -16,7 +16,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,14 +25,44 @@ import pandas as pd
 
 from clebench.errors import UserError
 from clebench.ranges import CHANNEL_COLUMNS, LAYER_COLUMNS
+from clebench.runtimes import RUNTIMES
 
 KEY_COLUMNS = ["model", "dataset", "steps", "quant"]
-DEPLOY_COLUMNS = ["int8_top1", "int8_top5", "int8_agreement"]  # filled by a sweep with deploy = ["onnxruntime"]
+# One column family per deploy target (clebench.runtimes.engines.RUNTIMES), filled by a sweep that deploys to it:
+# top-1 / top-5 (%), agreement (% of images with the simulation's top-1 class), and how many conv / matmul layers
+# the runtime ran on integers and in float (a float one is a silent fallback, reported, never hidden).
+DEPLOY_METRICS = ("top1", "top5", "agreement", "integer_layers", "float_layers")
+# Folders written before OpenVINO had int8_top1 / int8_top5 / int8_agreement (ONNX Runtime) and "|int8" predictions.
+LEGACY_DEPLOY_TARGET = "onnxruntime"
+LEGACY_DEPLOY_COLUMNS = {f"int8_{metric}": f"{LEGACY_DEPLOY_TARGET}_{metric}" for metric in ("top1", "top5", "agreement")}
+LEGACY_PREDICTION_KIND = "int8"
 RESULT_COLUMNS = [
     *KEY_COLUMNS, "fp32_top1", "fp32_top5", "quant_top1", "quant_top5", "delta_top1",
     "n_images", "n_calibration", "seconds", "config_hash",
 ]  # fmt: skip
 TIMING_COLUMNS = ["seconds"]
+
+
+def deploy_column(target: str, metric: str) -> str:
+    """results.csv column of deploy `target`'s `metric` (one of DEPLOY_METRICS), e.g. "openvino_top1"."""
+    if metric not in DEPLOY_METRICS:
+        raise ValueError(f"deploy metric must be one of {DEPLOY_METRICS}, got {metric!r}")
+    return f"{target}_{metric}"
+
+
+def deploy_columns(targets: Sequence[str]) -> list[str]:
+    """The columns the deploy `targets` add to results.csv, target by target."""
+    return [deploy_column(target, metric) for target in targets for metric in DEPLOY_METRICS]
+
+
+def deploy_targets(columns: Sequence[str]) -> list[str]:
+    """The deploy targets whose top-1 column is among `columns` (a results table's)."""
+    return [target for target in RUNTIMES if deploy_column(target, "top1") in columns]
+
+
+def upgrade_legacy(frame: pd.DataFrame) -> pd.DataFrame:
+    """A results table with the int8_* columns of folders written before OpenVINO renamed to onnxruntime_*."""
+    return frame.rename(columns=LEGACY_DEPLOY_COLUMNS)
 RANGES_COLUMNS = ["model", "steps", *LAYER_COLUMNS]
 CHANNEL_RANGES_COLUMNS = ["model", "steps", *CHANNEL_COLUMNS]
 
@@ -91,7 +121,7 @@ def read_json(path: Path) -> dict:
 
 
 def prediction_name(key: RowKey, kind: str) -> str:
-    """Array name in predictions.npz: kind "fp32" or "quant" (the simulated row) or "int8" (ONNX Runtime)."""
+    """Array name in predictions.npz: kind "fp32" or "quant" (the simulated row) or a deploy target's name."""
     return "|".join((*key, kind))
 
 
@@ -101,12 +131,17 @@ def labels_name(model: str, dataset: str) -> str:
 
 
 def read_predictions(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of a predictions.npz ({} when the file is absent); a corrupt file is an error naming it."""
+    """The arrays of a predictions.npz ({} when the file is absent); a corrupt file is an error naming it.
+
+    Arrays of an older folder's "int8" kind are returned under the "onnxruntime" kind, which they were.
+    """
     if not path.is_file():
         return {}
+    legacy = f"|{LEGACY_PREDICTION_KIND}"
     try:
         with np.load(path) as archive:
-            return {name: archive[name] for name in archive.files}
+            return {(name.removesuffix(legacy) + f"|{LEGACY_DEPLOY_TARGET}" if name.endswith(legacy) else name):
+                    archive[name] for name in archive.files}
     except (OSError, ValueError, EOFError) as error:
         raise ResultsFolderError(f"{path} cannot be read ({error}); delete it and re-run the sweep") from None
 

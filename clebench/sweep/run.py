@@ -125,9 +125,9 @@ def run_sweep(config: SweepConfig, out: str | Path, *, data_root: str | Path | N
     started = time.perf_counter()
     out = Path(out)
     execution = config.execution
-    if config.eval.engine == "onnxruntime" and torch.device(device).type != "cpu":
-        raise SweepError(f"the onnxruntime engine runs on the CPU, not {device}: use --engine torch on a GPU "
-                         "(deploy = [\"onnxruntime\"] still runs the int8 rows on the CPU)")
+    if config.eval.engine != "torch" and torch.device(device).type != "cpu":
+        raise SweepError(f"the {config.eval.engine} engine runs on the CPU, not {device}: use --engine torch on a GPU "
+                         "(deploy targets still run the int8 rows on the CPU)")
     if execution.ray is not None and torch.device(device).type == "cuda" and execution.gpus_per_task == 0:
         raise SweepError(f"a Ray sweep on {device} must give its tasks a GPU: pass --gpus-per-task (1: a card per "
                          "task; 0.25: four share one, 15 % slower in total than one task for MobileNetV2 on an H100) "
@@ -135,9 +135,9 @@ def run_sweep(config: SweepConfig, out: str | Path, *, data_root: str | Path | N
     settings = Settings(config, datasets.data_root(data_root).resolve(),
                         None if models_dir is None else Path(models_dir).resolve(), device,
                         progress and execution.ray is None, (out / SCRATCH_FOLDER).resolve(), cache)
+    meta = run_metadata(settings, command)  # first: a runtime that is not installed stops the sweep before any work
     loaded, usable = check_models(config, settings.models_dir)
-    meta = run_metadata(settings, command)
-    columns = results.RESULT_COLUMNS + (results.DEPLOY_COLUMNS if config.eval.deploy else [])
+    columns = results.RESULT_COLUMNS + results.deploy_columns(config.eval.deploy)
     with Recorder(out, meta, plan.row_order(config, usable), range_order(config, usable), columns) as recorder:
         identities = prefix_identities(config, loaded, usable) if execution.ray else None
         units = plan.plan(config, usable, recorder.done, execution.unit, identities)
@@ -156,6 +156,8 @@ def run_sweep(config: SweepConfig, out: str | Path, *, data_root: str | Path | N
                 bar.update(len(result.rows))
         shutil.rmtree(out / SCRATCH_FOLDER, ignore_errors=True)  # every row is recorded: the memo has served
         wall = round(time.perf_counter() - started, 1)
+        for target in config.eval.deploy:
+            recorder.meta[target]["layers_per_row"] = layers_per_row(recorder.table(), target)
         recorder.finish(work, {"wall_seconds": wall, "peak_memory_mib": peak_memory_mib(), "units": len(units),
                                "engine": "ray" if execution.ray else "local"})
         return SweepOutcome(recorder.table(), work, wall)
@@ -187,15 +189,26 @@ def run_metadata(settings: Settings, command: str | None) -> dict:
         "precision": hardware.pop("precision_policy") if device.type == "cuda" else "fp32",
         **hardware,
         "data_root": str(settings.data_root),
-        **({"onnxruntime": _runtime_info()} if uses_onnxruntime(settings.config) else {}),
+        **{name: _runtime_info(name) for name in runtimes_used(settings.config)},
     }
 
 
-def uses_onnxruntime(config: SweepConfig) -> bool:
-    return config.eval.engine == "onnxruntime" or "onnxruntime" in config.eval.deploy
+def runtimes_used(config: SweepConfig) -> list[str]:
+    """The runtimes a sweep runs: its simulation engine (unless torch) and its deploy targets."""
+    return list(dict.fromkeys([*([config.eval.engine] if config.eval.engine != "torch" else []), *config.eval.deploy]))
 
 
-def _runtime_info() -> dict:
-    from clebench.runtimes.onnxruntime import runtime_info  # the onnx extra
+def _runtime_info(name: str) -> dict:
+    """meta.json's entry of runtime `name`; a runtime that is not installed stops the sweep here, naming its extra."""
+    from clebench.runtimes.engines import runtime  # the onnx extra
 
-    return runtime_info()
+    return runtime(name).runtime_info()
+
+
+def layers_per_row(table: pd.DataFrame, target: str) -> dict[str, str]:
+    """{"model|steps|quant": "<integer> integer, <float> float"}: how deploy `target` ran each row's conv / matmul
+    layers (from the results table's <target>_integer_layers / _float_layers columns)."""
+    integer, floats = (results.deploy_column(target, metric) for metric in ("integer_layers", "float_layers"))
+    done = table[table[integer].notna()]
+    return {"|".join(str(row[c]) for c in results.KEY_COLUMNS): f"{int(row[integer])} integer, {int(row[floats])} float"
+            for _, row in done.iterrows()}
