@@ -37,8 +37,8 @@ def free_port() -> int:
 
 
 def processes() -> list[tuple[int, int, int, str]]:
-    """(pid, parent pid, process group, command line) of every process."""
-    listing = subprocess.run(["ps", "-eo", "pid=,ppid=,pgid=,args="], capture_output=True, text=True).stdout
+    """(pid, parent pid, process group, command line) of every process (whole lines, whatever COLUMNS says)."""
+    listing = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,pgid=,args="], capture_output=True, text=True).stdout
     return [(int(p), int(pp), int(g), args) for p, pp, g, args in (line.split(None, 3) for line in listing.splitlines())]
 
 
@@ -54,6 +54,9 @@ class Node:
         self.group: int | None = start.pid
         _, self.start_log = start.communicate(timeout=NODE_START_TIMEOUT_S)
         self.started = start.returncode == 0
+
+    def alive(self) -> bool:
+        return any(group == self.group and "raylet/raylet" in args for _, _, group, args in processes())
 
     def task_processes(self) -> list[int]:
         """Ray workers of this node that run a work unit (children of its raylet, in process groups of their own)."""
@@ -176,7 +179,7 @@ def test_a_worker_node_that_leaves_mid_sweep_loses_no_row_and_a_rerun_finishes(c
     deadline = time.monotonic() + 300
     while not leaving.task_processes() and sweep.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert leaving.task_processes(), "no unit ran on the worker node"
+    assert leaving.task_processes(), f"no unit ran on the worker node (sweep exit {sweep.poll()})"
     recorded = pd.read_csv(out / "results.csv") if (out / "results.csv").is_file() else None
     leaving.stop()
     cluster.add_worker()

@@ -2,8 +2,10 @@
 
 Each unit is one task. Ray schedules them on the CPUs / GPUs it has, retries a task whose worker process died, and
 returns results as they finish; the driver records them (clebench.sweep.record), so rows land as soon as their unit is done.
-Workers read data and checkpoints from the paths in `Settings` (every node must see them: a shared file system or
-the same folder on each node) and share fingerprint-keyed work through a `DiskMemo` beside the results.
+Workers read data, checkpoints and the image cache from the absolute paths the driver resolved into `Settings` (every
+node must see them: a shared file system or the same folder on each node; a worker never reads its own CLEBENCH_*)
+and share fingerprint-keyed work through a `DiskMemo` beside the results. A node that leaves mid-sweep costs only the
+units it was running: Ray re-runs them elsewhere, and rows already recorded stay.
 """
 from __future__ import annotations
 
