@@ -2,7 +2,7 @@
 from .checkpoint import CheckpointError, CheckpointNotFoundError
 from .mobilenet_v2_tonylins import MobileNetV2
 from .preprocessing import Preprocessing
-from .registry import list_models, load_model, model_label_space, model_preprocessing
+from .registry import list_models, load_model, model_label_space, model_preprocessing, models_dir
 
 __all__ = [
     "CheckpointError",
@@ -13,4 +13,5 @@ __all__ = [
     "load_model",
     "model_label_space",
     "model_preprocessing",
+    "models_dir",
 ]

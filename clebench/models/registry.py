@@ -34,16 +34,22 @@ class _Entry:
     label_space: str
 
 
-def _models_dir(models_dir: str | os.PathLike | None) -> Path:
-    if models_dir is not None:
-        return Path(models_dir)
+def models_dir(path: str | os.PathLike | None = None) -> Path | None:
+    """The folder of the reference checkpoints: ``path`` if given, else env CLEBENCH_MODELS, else None."""
+    if path is not None:
+        return Path(path)
     env = os.environ.get("CLEBENCH_MODELS")
-    if not env:
+    return Path(env) if env else None
+
+
+def _models_dir(path: Path | None) -> Path:
+    found = models_dir(path)
+    if found is None:
         raise CheckpointNotFoundError(
             "no models directory given: pass models_dir= (CLI: --models-dir) or set CLEBENCH_MODELS to the folder "
             "holding <name>.pt, or pass checkpoint= (CLI: --checkpoint) with the file itself"
         )
-    return Path(env)
+    return found
 
 
 def _load_cifar10(name: str, models_dir: Path | None, checkpoint: Path | None) -> nn.Module:

@@ -38,7 +38,11 @@ from clebench.sweep.results import RowKey, deploy_column, labels_name, predictio
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything besides a unit that executing it needs; plain data, so it travels to Ray workers."""
+    """Everything besides a unit that executing it needs; plain data, so it travels to Ray workers.
+
+    Every path is resolved by the driver (from its arguments, the config or its CLEBENCH_* environment) and absolute,
+    so a worker on another node reads the same folders and never looks at its own environment.
+    """
 
     config: SweepConfig
     data_root: Path
@@ -47,6 +51,7 @@ class Settings:
     progress: bool = True
     scratch: Path | None = None  # where exported ONNX models are kept (a folder every worker sees)
     cache: bool = True  # decoded images through the on-disk image cache (clebench.data.image_cache)
+    cache_dir: Path | None = None  # that cache's folder (None: the default of the process that reads it)
 
 
 @dataclass
@@ -174,6 +179,7 @@ class Resources:
             self._images[key] = datasets.load_images(
                 config.data.dataset, split, self.settings.data_root, preprocessing, limit=limit, seed=config.data.seed,
                 download=config.data.download, progress=self.settings.progress, cache=self.settings.cache,
+                cache_dir=self.settings.cache_dir,
             )
             self._images[key] = datasets.to_device(self._images[key], self.settings.device)
         return self._images[key]

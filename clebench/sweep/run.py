@@ -18,7 +18,7 @@ import platform
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 import clebench
 from clebench import graph
-from clebench.data import datasets
+from clebench import models
+from clebench.data import datasets, image_cache
 from clebench.sweep import plan
 from clebench.sweep import results
 from clebench.sweep import steps
@@ -113,6 +114,22 @@ def range_order(config: SweepConfig, usable: dict[str, list[steps.Combination]])
     return list(ordered)
 
 
+def resolve_settings(config: SweepConfig, out: Path, *, data_root: str | Path | None, models_dir: str | Path | None,
+                     device: str, progress: bool, cache: bool) -> Settings:
+    """The settings of every unit, with each path a sweep reads or writes resolved here, absolute.
+
+    Data root, checkpoints folder and image cache folder come from the arguments, else this process's CLEBENCH_*
+    environment; checkpoint files from the config (already absolute when read from a file; made so here when given
+    as a dict). Ray workers take them from here, never from their own environment or working directory.
+    """
+    found_models = models.models_dir(models_dir)
+    specs = tuple(replace(spec, checkpoint=str(Path(spec.checkpoint).resolve())) if spec.checkpoint else spec
+                  for spec in config.models)
+    return Settings(replace(config, models=specs), datasets.data_root(data_root).resolve(),
+                    None if found_models is None else found_models.resolve(), device, progress,
+                    (out / SCRATCH_FOLDER).resolve(), cache, image_cache.cache_dir().resolve() if cache else None)
+
+
 def run_sweep(config: SweepConfig, out: str | Path, *, data_root: str | Path | None = None,
               models_dir: str | Path | None = None, device: str = "cpu", progress: bool = True,
               command: str | None = None, cache: bool = True) -> SweepOutcome:
@@ -132,9 +149,9 @@ def run_sweep(config: SweepConfig, out: str | Path, *, data_root: str | Path | N
         raise SweepError(f"a Ray sweep on {device} must give its tasks a GPU: pass --gpus-per-task (1: a card per "
                          "task; 0.25: four share one, 15 % slower in total than one task for MobileNetV2 on an H100) "
                          "or set [execution] gpus_per_task")
-    settings = Settings(config, datasets.data_root(data_root).resolve(),
-                        None if models_dir is None else Path(models_dir).resolve(), device,
-                        progress and execution.ray is None, (out / SCRATCH_FOLDER).resolve(), cache)
+    settings = resolve_settings(config, out, data_root=data_root, models_dir=models_dir, device=device,
+                                progress=progress and execution.ray is None, cache=cache)
+    config = settings.config
     meta = run_metadata(settings, command)  # first: a runtime that is not installed stops the sweep before any work
     loaded, usable = check_models(config, settings.models_dir)
     columns = results.RESULT_COLUMNS + results.deploy_columns(config.eval.deploy)
@@ -146,7 +163,7 @@ def run_sweep(config: SweepConfig, out: str | Path, *, data_root: str | Path | N
         else:
             from clebench.sweep.distributed import execute_on_ray  # Ray is an optional extra
 
-            finished = execute_on_ray(units, settings, out / SCRATCH_FOLDER, address=_ray_address(execution.ray),
+            finished = execute_on_ray(units, settings, out / SCRATCH_FOLDER, address=execution.ray,
                                      gpus_per_task=execution.gpus_per_task)
         work = Work()
         with tqdm(total=sum(len(u.rows) for u in units), desc="sweep rows", unit="row", disable=not progress) as bar:
@@ -161,10 +178,6 @@ def run_sweep(config: SweepConfig, out: str | Path, *, data_root: str | Path | N
         recorder.finish(work, {"wall_seconds": wall, "peak_memory_mib": peak_memory_mib(), "units": len(units),
                                "engine": "ray" if execution.ray else "local"})
         return SweepOutcome(recorder.table(), work, wall)
-
-
-def _ray_address(ray: str) -> str | None:
-    return None if ray == "local" else ray
 
 
 def execute_locally(units: list[plan.WorkUnit], settings: Settings, resources: Resources) -> Iterator[UnitResult]:
