@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from conftest import require_extra
 from torch import nn
 
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
+onnx = require_extra("onnx")
+require_extra("onnxruntime")
 from onnx import numpy_helper  # noqa: E402
 
 from clebench import graph, ops  # noqa: E402

@@ -22,6 +22,8 @@ from clebench.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
+EXPORT_STEPS_MEASURED = {"inception_v3": 5, "swin_v2_t": 3}  # the handful's models past 2 steps, as measured
+
 ZOO = {  # name: (BN folds, keep (pairs, triples), clip (pairs, triples))
     "resnet18": (20, (8, 0), (8, 0)),
     "mobilenet_v2": (52, (2, 0), (2, 17)),  # ReLU6 ends chains unless it becomes a per-channel clip
@@ -58,6 +60,12 @@ def test_zoo_model_is_equalized_exactly_and_completely(name):
     assert (result.keep.bn_folds, result.keep.sets, result.clip.sets) == (bn_folds, keep_sets, clip_sets)
     assert result.keep.rel <= 1e-4 and result.clip.rel <= 1e-4
     assert result.rel_hbf < 0.1  # HBF is approximate; the full zoo stays below 0.1 on these random models
+    if result.export.exported is None:  # the onnx extra is missing (tests under CI have it: tests/test_export_ops.py)
+        return
+    assert result.export.exported, result.export.error
+    # ONNX Runtime's float kernels sum in another order than torch's: a value on a rounding boundary lands one step
+    # away, and through dozens of layers of random weights such flips grow (results/zoo_coverage.md)
+    assert result.export.max_steps <= EXPORT_STEPS_MEASURED.get(name, zoo_coverage.EXPORT_STEPS)
 
 
 def conv_relu_conv() -> nn.Module:
