@@ -185,3 +185,22 @@ def test_bad_input_is_a_clear_error(tmp_path):
     with pytest.raises(AdaroundError, match="no calibration batches"):
         apply_adaround_to_model(small_model(), W4, [])
     assert not (tmp_path / "x.encodings").exists()
+
+
+@pytest.mark.parametrize("layer, shape", [(nn.Conv2d(8, 6, 3, padding=1, stride=2, groups=2), (70, 8, 9, 9)),
+                                          (nn.Linear(5, 3), (40, 5))])
+def test_the_exact_loss_from_input_moments_equals_the_loss_over_all_samples(layer, shape):
+    from torch.func import functional_call
+
+    from clebench.adaround.layer import _moments, reconstruction_loss
+
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    x_q = x + 0.1 * torch.randn_like(x)
+    with torch.no_grad():
+        second, cross, constant = _moments(layer, x_q, layer(x), batch_size=32)
+        weight = layer.weight + 0.05 * torch.randn_like(layer.weight)
+        grouped = weight.reshape(second.shape[0], -1, second.shape[1])
+        from_moments = ((grouped @ second) * grouped).sum() - 2 * (grouped * cross).sum() + constant
+        direct = reconstruction_loss(functional_call(layer, {"weight": weight}, (x_q,)), layer(x))
+    assert from_moments.item() == pytest.approx(direct.item(), rel=1e-5)

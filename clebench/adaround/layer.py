@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -82,22 +83,62 @@ def optimize_layer(layer: nn.Module, encoding: Encoding, inputs: torch.Tensor, t
 
     inputs: [N, ...] the layer's inputs x_q; targets: [N, ...] act(FP32 layer output), the same N samples.
     generator: draws the samples of each step.
+    A Linear or zero-padded Conv2d without activation has a quadratic loss; where its K x K input moments (K: inputs
+    per output, Cin / groups x kernel size) cost less per step than the sampled batch, each step uses the exact
+    loss over all N samples instead (same minimum, no sampling noise).
     """
+    moments = _moments(layer, inputs, targets, settings.batch_size) if activation is None else None
+    if moments is None:
+        count = inputs.shape[0]
+
+        def loss(weight: torch.Tensor) -> torch.Tensor:
+            index = torch.randperm(count, generator=generator)[: settings.batch_size]
+            output = functional_call(layer, {"weight": weight}, (inputs[index],))
+            return reconstruction_loss(output if activation is None else activation(output), targets[index])
+    else:
+        second, cross, constant = moments
+
+        def loss(weight: torch.Tensor) -> torch.Tensor:
+            grouped = weight.reshape(second.shape[0], -1, second.shape[1])  # [groups, out / groups, K]
+            return ((grouped @ second) * grouped).sum() - 2 * (grouped * cross).sum() + constant
+
     with torch.enable_grad():
-        return _optimize(layer, RoundingVariable(layer.weight, encoding), inputs, targets, activation, settings,
-                         generator)
+        return _optimize(RoundingVariable(layer.weight, encoding), loss, settings)
 
 
-def _optimize(layer, rounding, inputs, targets, activation, settings, generator) -> RoundingVariable:
+def _moments(layer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+             batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(E[x x^T] [g, K, K], E[(t - b) x^T] [g, out / g, K], E[|t - b|^2]) over the N x positions rows of a Linear or
+    zero-padded Conv2d with g groups, so that the loss of weight W is sum(W E[x x^T] W^T) - 2 sum(W E[(t-b) x^T]) +
+    E[|t-b|^2]; None for other layers, or where a sampled step is cheaper (K >= 2 x batch_size x positions)."""
+    if isinstance(layer, nn.Linear):
+        rows, groups = inputs.reshape(-1, inputs.shape[-1]), 1
+        outputs = targets.reshape(-1, targets.shape[-1])
+    elif isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
+        rows = torch.cat([F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride).transpose(1, 2)
+                          .reshape(-1, layer.weight[0].numel() * layer.groups) for x in inputs.split(64)])
+        groups, outputs = layer.groups, targets.movedim(1, -1).reshape(-1, targets.shape[1])
+    else:
+        return None
+    positions = rows.shape[0] // inputs.shape[0]
+    size = layer.weight[0].numel()
+    if size >= 2 * batch_size * positions:
+        return None
+    if layer.bias is not None:
+        outputs = outputs - layer.bias.detach()
+    grouped = rows.reshape(rows.shape[0], groups, size).transpose(0, 1)  # [g, M, K]
+    grouped_out = outputs.reshape(outputs.shape[0], groups, -1).transpose(0, 1)  # [g, M, out / g]
+    count = rows.shape[0]
+    return (grouped.transpose(1, 2) @ grouped / count, grouped_out.transpose(1, 2) @ grouped / count,
+            outputs.pow(2).sum() / count)
+
+
+def _optimize(rounding: RoundingVariable, reconstruction: Callable[[torch.Tensor], torch.Tensor],
+              settings: AdaroundSettings) -> RoundingVariable:
     optimizer = torch.optim.Adam([rounding.v], lr=settings.adam_learning_rate)
-    count = inputs.shape[0]
     for iteration in range(settings.iterations):
-        index = torch.randperm(count, generator=generator)[: settings.batch_size]
         h = rectified_sigmoid(rounding.v)
-        output = functional_call(layer, {"weight": rounding.dequantize(h)}, (inputs[index],))
-        if activation is not None:
-            output = activation(output)
-        loss = reconstruction_loss(output, targets[index])
+        loss = reconstruction(rounding.dequantize(h))
         beta = annealed_beta(iteration, settings.iterations, settings.beta_range, settings.warm_start)
         if beta is not None:
             loss = loss + settings.reg_param * rounding_regularizer(h, beta)
