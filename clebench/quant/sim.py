@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import operator
-from collections.abc import Iterable, Iterator
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +27,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from tqdm import tqdm
 
 from clebench import graph, layers, ops
+from clebench.quant.aimet_format import encoding_from_aimet_entries
 from clebench.quant.config import QuantConfig
 from clebench.quant.encoding import (
     Encoding,
@@ -176,6 +180,49 @@ class QuantSim:
         fp32 = self._fp32_values.setdefault(name, parameter.data)
         with torch.no_grad():
             parameter.data = encoding.fake_quantize(fp32.to(parameter.device))
+
+    def freeze_param_encodings(self, encodings: Mapping[str, Encoding]) -> None:
+        """Quantize weights on given encodings {"<layer>.weight": Encoding} instead of their own min/max ones.
+
+        The sim keeps them for its lifetime (AdaRound's encodings: a rounded weight's own range can be narrower than
+        the grid it was rounded on). Weights not named keep their encodings. ValueError for a name that is not a
+        weight quantizer or an encoding whose channels do not fit the layer.
+        """
+        modules = dict(self.model.named_modules())
+        unknown = sorted(set(encodings) - {f"{name}.weight" for name in self._weight_encodings})
+        if unknown:
+            raise ValueError(f"parameter encodings for {unknown}: the sim has no such weight quantizer "
+                             f"(it quantizes {sorted(self._weight_encodings)[:5]}... as '<layer>.weight')")
+        for name, encoding in encodings.items():
+            layer_name = name.removesuffix(".weight")
+            layer = modules[layer_name]
+            channels = layer.weight.shape[layers.output_axis(layer)]
+            if encoding.axis is not None and (encoding.axis != layers.output_axis(layer) or encoding.scale.numel() != channels):
+                raise ValueError(f"{name}: a per-channel encoding needs {channels} scales on axis "
+                                 f"{layers.output_axis(layer)}, got {encoding.scale.numel()} on axis {encoding.axis}")
+            self._weight_encodings[layer_name] = encoding
+            self._replace(name, layer.weight, encoding)
+        if self.config.int32_bias and self._quantizers and all(q.encoding for q in self._quantizers.values()):
+            self._quantize_biases()  # their scales derive from the weight scales
+
+    def set_and_freeze_param_encodings(self, encoding_path: str | os.PathLike) -> None:
+        """AIMET's: load the "param_encodings" of an AIMET encodings JSON (as AdaRound writes it) and freeze them."""
+        try:
+            content = json.loads(Path(encoding_path).read_text())
+            params = content["param_encodings"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{encoding_path}: not an AIMET encodings JSON with param_encodings ({error})") from None
+        modules = dict(self.model.named_modules())
+        encodings = {}
+        for name, entries in params.items():
+            layer = modules.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
+            if not layers.is_layer(layer):
+                raise ValueError(f"{encoding_path}: {name!r} is not the weight of a conv / linear layer of the sim")
+            try:
+                encodings[name] = encoding_from_aimet_entries(entries, layers.output_axis(layer) if len(entries) > 1 else None)
+            except ValueError as error:
+                raise ValueError(f"{encoding_path}: {name}: {error}") from None
+        self.freeze_param_encodings(encodings)
 
     def _insert_activation_quantizers(self, gm: fx.GraphModule, modules: dict[str, nn.Module]) -> None:
         container = _free_attribute(gm, "activation_quantizers")

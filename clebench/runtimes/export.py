@@ -36,6 +36,7 @@ from torch import fx, nn
 
 from clebench import layers, ops
 from clebench.errors import MissingExtraError, UserError
+from clebench.quant.aimet_format import aimet_entries
 from clebench.quant.encoding import Encoding, bias_encoding
 from clebench.quant.sim import ActivationQuantizer, QuantSim
 
@@ -1153,19 +1154,6 @@ def export_onnx(sim: QuantSim, dummy_input: torch.Tensor | tuple[torch.Tensor, .
     return path
 
 
-def _aimet_entries(entry: dict) -> list[dict]:
-    """One AIMET encoding dict per channel (per-tensor: one). AIMET's offset is quant_min - zero point."""
-    scales = entry["scale"] if entry["per_channel"] else [entry["scale"]]
-    zero_points = entry["zero_point"] if entry["per_channel"] else [entry["zero_point"]]
-    quant_min = -(2 ** (entry["bits"] - 1)) if entry["symmetric"] else 0
-    return [
-        {"bitwidth": entry["bits"], "dtype": "int", "is_symmetric": str(entry["symmetric"]),
-         "min": (quant_min - zp) * scale, "max": (quant_min - zp + 2 ** entry["bits"] - 1) * scale,
-         "offset": quant_min - zp, "scale": scale}
-        for scale, zp in zip(scales, zero_points)
-    ]
-
-
 def aimet_encodings(sim: QuantSim) -> dict:
     """The sim's encodings in AIMET's JSON format (version 0.6.1).
 
@@ -1176,8 +1164,8 @@ def aimet_encodings(sim: QuantSim) -> dict:
     config = sim.config
     return {
         "version": AIMET_ENCODING_VERSION,
-        "activation_encodings": {name: _aimet_entries(e) for name, e in encodings.items() if e["kind"] == "activation"},
-        "param_encodings": {name: _aimet_entries(e) for name, e in encodings.items() if e["kind"] != "activation"},
+        "activation_encodings": {name: aimet_entries(e) for name, e in encodings.items() if e["kind"] == "activation"},
+        "param_encodings": {name: aimet_entries(e) for name, e in encodings.items() if e["kind"] != "activation"},
         "excluded_layers": [],
         "quantizer_args": {
             "activation_bitwidth": config.act_bits, "param_bitwidth": config.weight_bits, "dtype": "int",

@@ -1,0 +1,74 @@
+"""AdaRound's learned rounding (Nagel et al., ICML 2020, sec. 4): the rectified sigmoid, the rounding regularizer,
+its annealed beta, and a weight whose every element rounds down or up as a learned variable V decides.
+
+For a weight w on a grid with scale s, zero point z and integer range [q_min, q_max]:
+    soft(V) = (clamp(floor(w / s) + z + h(V), q_min, q_max) - z) * s,   h(V) = clamp(sigmoid(V) (zeta - gamma) + gamma, 0, 1)
+    hard(V) = the same with h = [V >= 0]: a point of the grid, rounded down (h = 0) or up (h = 1)
+with zeta = 1.1, gamma = -0.1 (the stretch that lets h reach 0 and 1 exactly). V starts where h(V) equals the
+fractional part of w / s, so soft(V) = w up to clamping.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from clebench.quant.encoding import Encoding
+
+ZETA, GAMMA = 1.1, -0.1
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """h(V) = clamp(sigmoid(V) (zeta - gamma) + gamma, 0, 1), element-wise."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def rounding_regularizer(h: torch.Tensor, beta: float) -> torch.Tensor:
+    """f_reg = sum over elements of 1 - |2h - 1|^beta: 0 where every h is 0 or 1, largest at h = 0.5."""
+    return (1 - (2 * h - 1).abs().pow(beta)).sum()
+
+
+def annealed_beta(iteration: int, iterations: int, beta_range: tuple[float, float], warm_start: float) -> float | None:
+    """beta at 0-based `iteration`: None during the warm start (the first warm_start * iterations), then a cosine
+    decay from beta_range[0] to beta_range[1] over the remaining iterations (AIMET's schedule)."""
+    start = warm_start * iterations
+    if iteration < start:
+        return None
+    progress = (iteration - start) / (iterations - start)
+    high, low = beta_range
+    return low + 0.5 * (high - low) * (1 + math.cos(progress * math.pi))
+
+
+class RoundingVariable:
+    """The learnable rounding of one weight tensor on `encoding`'s grid (per tensor, or per channel on its axis).
+
+    `v` [weight shape] is the leaf tensor to optimize; `dequantize(rectified_sigmoid(v))` is the soft-rounded
+    weight (differentiable in v), `hard()` the weight on the grid.
+    """
+
+    def __init__(self, weight: torch.Tensor, encoding: Encoding) -> None:
+        weight = weight.detach().float()
+        shape = [1] * weight.dim()
+        if encoding.axis is not None:
+            shape[encoding.axis] = -1
+        self.scale = encoding.scale.to(weight.device).reshape(shape)
+        self.zero_point = encoding.zero_point.to(weight.device).float().reshape(shape)
+        self.quant_min, self.quant_max = encoding.quant_min, encoding.quant_max
+        scaled = weight / self.scale
+        self.floor = torch.floor(scaled) + self.zero_point  # integer level of rounding down, zero point included
+        fraction = (scaled - torch.floor(scaled)).clamp(0.0, 1.0)
+        self.v = (-torch.log((ZETA - GAMMA) / (fraction - GAMMA) - 1)).requires_grad_(True)
+
+    def dequantize(self, h: torch.Tensor) -> torch.Tensor:
+        """The weight with each element rounded up by h in [0, 1] (h = 0: down, 1: up), on the grid's range."""
+        return (torch.clamp(self.floor + h, self.quant_min, self.quant_max) - self.zero_point) * self.scale
+
+    def hard(self) -> torch.Tensor:
+        """The weight rounded down where V < 0 and up where V >= 0 (no gradient)."""
+        with torch.no_grad():
+            return self.dequantize(self.round_up().float())
+
+    def round_up(self) -> torch.Tensor:
+        """bool [weight shape]: which elements round up."""
+        return self.v.detach() >= 0
+
