@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from clebench import graph, ranges
+from clebench import cle_diagnostics, graph, ranges
 
 from clebench.data import datasets
 
@@ -76,6 +76,8 @@ class UnitResult:
     rows: dict[RowKey, dict] = field(default_factory=dict)
     layer_ranges: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)  # (model, steps) -> rows
     channel_ranges: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)
+    cle_sets: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)  # prefixes that scale only
+    cle_skipped: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)
     predictions: dict[str, np.ndarray] = field(default_factory=dict)  # results.prediction_name -> int [N]
     work: Work = field(default_factory=Work)
 
@@ -220,6 +222,7 @@ class _UnitRun:
                 return
         self.states[prefix] = (state, fingerprint(state.model))
         self._record_ranges(prefix, state.model)
+        self._record_cle(prefix, state)
 
     def _record_ranges(self, prefix: steps.Combination, model: nn.Module) -> None:
         name, model_name = steps.combination_name(prefix), self.result.unit.model.name
@@ -229,6 +232,20 @@ class _UnitRun:
         key = (model_name, name)
         self.result.layer_ranges[key] = ranges.layer_ranges(model).assign(model=model_name, steps=name)
         self.result.channel_ranges[key] = ranges.channel_stats(model, chosen).assign(model=model_name, steps=name)
+
+    def _record_cle(self, prefix: steps.Combination, state: steps.PipelineState) -> None:
+        """cle_sets / cle_skipped rows of a prefix that ends in a CLS step or in hbf, against the model before CLS."""
+        cls_index = next((i for i, step in enumerate(prefix) if step in steps.CLS_STEPS), None)
+        if cls_index is None or prefix[-1] not in (prefix[cls_index], "hbf") or not state.cls_infos:
+            return
+        before = self.states[prefix[:cls_index]][0].model
+        key = (self.result.unit.model.name, steps.combination_name(prefix))
+        sets = cle_diagnostics.cls_set_rows(state.cls_infos, before, state.model, self.inputs.calibration_batches,
+                                            state.bn_map, hbf_ran="hbf" in prefix)
+        scaled = {name for text in sets["layers"] for name in text.split(" → ")}
+        skipped = cle_diagnostics.skipped_layers(before, steps.CLS_STEPS[prefix[cls_index]], scaled)
+        self.result.cle_sets[key] = sets.assign(model=key[0], steps=key[1])
+        self.result.cle_skipped[key] = skipped.assign(model=key[0], steps=key[1])
 
     def row(self, key: RowKey) -> None:
         started = time.perf_counter()
