@@ -5,8 +5,8 @@
 max_c r_c / min_c r_c before and after (clebench.ranges.range_ratio), the growth of the per-channel activation
 ranges that feed the set's second (and third) layer on calibration data, and the bias high-bias folding absorbed.
 
-`skipped_layers`: every conv / linear layer in no set, with the reason, found by walking the same graph predicates
-`clebench.graph.find_cls_chains` walks (sole_user, is_scalable, activation_kind, is_transparent), so a layer has no
+`skipped_layers`: every conv / linear layer in no set, with the reason, found by walking the same predicates
+`clebench.graph.find_cls_chains` walks (sole_user, is_scalable, ops.activation_kind, ops.is_identity), so a layer has no
 output-side reason exactly when the discovery found a hop out of it (tested on the zoo models).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from torch import fx, nn
 
-from clebench import graph, layers, ranges
+from clebench import graph, layers, ops, ranges
 from clebench.cross_layer_equalization import ClsSetInfo
 from clebench.quant.sim import batch_inputs
 
@@ -89,10 +89,10 @@ def _walk_out(node: fx.Node, modules: dict[str, nn.Module], single_use: set[str]
             if layers.in_channels(candidate) != layers.out_channels(layer):
                 return _stop("channel_mismatch", user, modules)
             return None
-        kind = graph.activation_kind(user, modules)
+        kind = ops.activation_kind(user, modules)
         if kind == "relu6" and relu6 != "clip":
             return _stop("relu6_chain_end", user, modules)
-        if kind is None and not graph.is_transparent(user, modules):
+        if kind is None and not ops.is_identity(user, modules):
             return _stop("activation" if _is_activation(user, modules) else "other_op", user, modules)
         current = user
 
@@ -116,27 +116,18 @@ def _walk_in(node: fx.Node, modules: dict[str, nn.Module], single_use: set[str],
             if source.target not in single_use:
                 return _stop("shared", source, modules)
             return _walk_out(source, modules, single_use, relu6) or _stop("depthwise_chain_end", source, modules)
-        kind = graph.activation_kind(source, modules)
+        kind = ops.activation_kind(source, modules)
         if kind == "relu6" and relu6 != "clip":
             return _stop("relu6_chain_end", source, modules)
-        if kind is None and not graph.is_transparent(source, modules):
+        if kind is None and not ops.is_identity(source, modules):
             multi = len([n for n in source.all_input_nodes if n.op != "get_attr"]) > 1
             return _stop("merge" if multi else "activation" if _is_activation(source, modules) else "other_op", source, modules)
         current = source
 
 
-_ACTIVATION_MODULES = (nn.Hardswish, nn.SiLU, nn.Sigmoid, nn.Hardsigmoid, nn.GELU, nn.Tanh, nn.ELU, nn.SELU, nn.Mish,
-                       nn.LeakyReLU, nn.Softplus, nn.Hardtanh)
-_ACTIVATION_FUNCTIONS = {"hardswish", "silu", "sigmoid", "hardsigmoid", "gelu", "tanh", "elu", "selu", "mish",
-                         "leaky_relu", "softplus", "hardtanh", "swish"}
-
-
 def _is_activation(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    module = graph.module_of(node, modules)
-    if module is not None:
-        return isinstance(module, _ACTIVATION_MODULES)
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    return name.rstrip("_") in _ACTIVATION_FUNCTIONS
+    """An activation of the op table that CLS does not scale across (Hardswish, SiLU, a clip not from 0 ...)."""
+    return ops.role(node, modules) == "activation"
 
 
 def skipped_layers(model: nn.Module, relu6: str, scaled: Iterable[str]) -> pd.DataFrame:

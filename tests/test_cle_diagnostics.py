@@ -127,3 +127,34 @@ def test_output_side_reason_is_none_exactly_where_discovery_finds_a_hop(name, re
     assert not set(skipped["layer"]) & scaled
     assert len(skipped) + len(scaled) == len(graph_layers(model))
     assert set(skipped["reason"]) <= set(cle_diagnostics.SKIP_REASONS)
+
+
+@pytest.mark.slow
+def test_a_sweep_writes_the_sets_and_skipped_layers_of_each_prefix_that_scales(uninterrupted):
+    """The tiny sweep (MobileNetV2-CIFAR, bn_fold+cls_relu6_clip[+hbf]) on calibration data: the sets are the ones
+    scale_model finds, every other layer is listed as skipped, and, because ReLU / the per-channel clip are
+    positive-homogeneous, the activations feeding a set's inner layers shrink by exactly the scale factors
+    (growth = 1 / s per channel), so the largest growth is 1 / the smallest scale."""
+    import pandas as pd
+
+    from clebench.models import load_model
+    from clebench.sweep import results
+
+    sets = pd.read_csv(uninterrupted / results.CLE_SETS_FILE)
+    skipped = pd.read_csv(uninterrupted / results.CLE_SKIPPED_FILE)
+    assert list(sets.columns) == results.CLE_SETS_COLUMNS and list(skipped.columns) == results.CLE_SKIPPED_COLUMNS
+    assert set(sets["steps"]) == {"bn_fold+cls_relu6_clip", "bn_fold+cls_relu6_clip+hbf"}
+    model = graph.prepare_model(load_model("mobilenet_v2_cifar10").eval())
+    fold_all_batch_norms(model)
+    after = copy.deepcopy(model)
+    infos = CrossLayerScaling.scale_model(after, relu6="clip")
+    names = {id(m): n for n, m in after.named_modules()}
+    expected = [" → ".join([names[id(i.cls_pair_info_list[0].layer1)]] + [names[id(p.layer2)] for p in i.cls_pair_info_list])
+                for i in infos]
+    clip = sets[sets["steps"] == "bn_fold+cls_relu6_clip"]
+    assert list(clip["layers"]) == expected
+    listed = set(skipped[skipped["steps"] == "bn_fold+cls_relu6_clip"]["layer"])
+    assert listed == {n for n, _ in graph_layers(model)} - _scaled_names(after, infos)
+    assert clip["act_range_growth_max"].to_numpy() == pytest.approx(1 / clip["scale_min"].to_numpy(), rel=1e-3)
+    assert set(sets[sets["steps"].str.endswith("hbf")]["hbf"]) <= {"folded", "nothing to absorb"}
+    assert set(clip["hbf"]) == {"not run"}

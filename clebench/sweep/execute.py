@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from clebench import cle_diagnostics, graph, ranges
+from clebench import cle_diagnostics, graph, ranges, sensitivity
 
 from clebench.data import datasets
 
@@ -33,7 +33,7 @@ from clebench.models import Preprocessing, load_model, model_preprocessing
 from clebench.sweep.plan import WorkUnit, combination_of
 from clebench.precision import fp32_precision
 from clebench.quant import QuantConfig, QuantSim
-from clebench.sweep.results import RowKey, deploy_column, labels_name, prediction_name
+from clebench.sweep.results import SENSITIVITY_COLUMNS, RowKey, deploy_column, labels_name, prediction_name
 
 
 @dataclass(frozen=True)
@@ -291,6 +291,20 @@ class _UnitRun:
         accuracy = self.memo.get("quantized", memo_key)
         if accuracy is not None:
             return accuracy
+        sim = self.calibrated_sim(state, print_, correction, quant)
+        desc = f"{self.result.unit.model.name} {quant.name}"
+        engine = self.settings.config.eval.engine
+        accuracy = self._evaluate_sim(sim, "torch" if engine == "torch" else f"{engine}-sim", desc)
+        deploy = self.settings.config.eval.deploy
+        if deploy:
+            accuracy = accuracy | {"deploy": {target: self._deploy(sim, target, f"{desc} {target} int8") for target in deploy}}
+        self.memo.put("quantized", memo_key, accuracy)
+        self.result.work.quantized_evaluations += 1
+        return accuracy
+
+    def calibrated_sim(self, state: steps.PipelineState, print_: str, correction: str | None,
+                       quant: QuantConfig) -> QuantSim:
+        """The row's QuantSim: `state`'s model, bias-corrected if asked, with memoized activation ranges."""
         calibration = self.inputs.calibration_batches
         model, model_print = state.model, print_
         if correction is not None:
@@ -303,15 +317,7 @@ class _UnitRun:
             model, model_print = corrected.model, fingerprint(corrected.model)
         sim = QuantSim(model, calibration[0][0][:1], quant)
         sim.set_activation_ranges(self._activation_ranges(sim, model_print, quant))
-        desc = f"{self.result.unit.model.name} {quant.name}"
-        engine = self.settings.config.eval.engine
-        accuracy = self._evaluate_sim(sim, "torch" if engine == "torch" else f"{engine}-sim", desc)
-        deploy = self.settings.config.eval.deploy
-        if deploy:
-            accuracy = accuracy | {"deploy": {target: self._deploy(sim, target, f"{desc} {target} int8") for target in deploy}}
-        self.memo.put("quantized", memo_key, accuracy)
-        self.result.work.quantized_evaluations += 1
-        return accuracy
+        return sim
 
     def _evaluate_sim(self, sim: QuantSim, engine: str, desc: str) -> dict:
         """The simulation on torch, or exported and run by a runtime (engine of clebench.runtimes.engines.ENGINES)."""
@@ -356,6 +362,26 @@ class _UnitRun:
             self.memo.put("activation_ranges", memo_key, observed)
             self.result.work.calibrations += 1
         return observed
+
+
+def row_sensitivity(key: RowKey, settings: Settings, resources: Resources, memo: Memo) -> pd.DataFrame:
+    """clebench.sensitivity's table of the sweep row `key` on the config's evaluation images (data.limit of them,
+    class-balanced), with the sweep's FP32 prefixes and memoized activation ranges; SENSITIVITY_COLUMNS."""
+    spec = next(spec for spec in settings.config.models if spec.name == key.model)
+    fp32_steps, correction = steps.split_combination(combination_of(key))
+    unit = WorkUnit(spec, (key,), tuple(fp32_steps[:i] for i in range(len(fp32_steps) + 1)))
+    torch.manual_seed(0)
+    with fp32_precision():
+        run = _UnitRun(unit, settings, resources.inputs(spec), memo)
+        for prefix in unit.prefixes:
+            run.build(prefix)
+        state, print_ = run.states[fp32_steps]
+        sim = run.calibrated_sim(state, print_, correction, QuantConfig.from_name(key.quant))
+        inputs = run.inputs
+        batches = list(datasets.batches(inputs.eval_set, settings.config.data.batch_size, inputs.preprocessing,
+                                        run.device))
+        table = sensitivity.sensitivity(sim, batches, progress=settings.progress)
+    return table.assign(model=key.model, steps=key.steps, quant=key.quant)[SENSITIVITY_COLUMNS]
 
 
 def peak_memory_mib() -> float | None:

@@ -30,6 +30,7 @@ from clebench.cle_diagnostics import CLE_SET_COLUMNS, SKIPPED_COLUMNS
 from clebench.errors import UserError
 from clebench.ranges import CHANNEL_COLUMNS, LAYER_COLUMNS
 from clebench.runtimes import RUNTIMES
+from clebench.sensitivity import UNIT_COLUMNS
 
 KEY_COLUMNS = ["model", "dataset", "steps", "quant"]
 # One column family per deploy target (clebench.runtimes.engines.RUNTIMES), filled by a sweep that deploys to it:
@@ -71,6 +72,7 @@ RANGES_COLUMNS = ["model", "steps", *LAYER_COLUMNS]
 CHANNEL_RANGES_COLUMNS = ["model", "steps", *CHANNEL_COLUMNS]
 CLE_SETS_COLUMNS = ["model", "steps", *CLE_SET_COLUMNS]
 CLE_SKIPPED_COLUMNS = ["model", "steps", *SKIPPED_COLUMNS]
+SENSITIVITY_COLUMNS = ["model", "steps", "quant", *UNIT_COLUMNS, "fp32_top1", "n_images"]
 
 RESULTS_FILE = "results.csv"
 RANGES_FILE = "ranges.csv"
