@@ -219,6 +219,7 @@ class _UnitRun:
             state = copy.deepcopy(parent)
             if not steps.apply_fp32_step(prefix[-1], state):
                 self.states[prefix] = (parent, parent_print)
+                self._record_cle(prefix, state)  # an hbf that absorbed nothing still says so
                 return
         self.states[prefix] = (state, fingerprint(state.model))
         self._record_ranges(prefix, state.model)

@@ -3,7 +3,8 @@
 The row is built exactly as a sweep builds it (same FP32 prefixes, bias correction, calibration images and memoized
 activation ranges, through clebench.sweep.execute), then clebench.sensitivity runs on the config's first
 data.limit class-balanced evaluation images. sensitivity.csv keeps the rows of other sweep rows already there;
-sensitivity.json records per row the command, the time and the machine.
+sensitivity.json records per row the command, the wall and CPU time (all threads; the steadier figure on a shared
+machine) and the machine.
 """
 from __future__ import annotations
 
@@ -40,11 +41,11 @@ def run_row_sensitivity(config: SweepConfig, combination: str, quant: str, out: 
     key = RowKey(spec.name, config.data.dataset, steps.combination_name(parsed), quant_name)
     scratch = out / SCRATCH_FOLDER  # an interrupted distributed sweep's memo: its activation ranges are reused
     memo = DiskMemo(scratch) if scratch.is_dir() else Memo()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     with results.FolderLock(out):
         table = row_sensitivity(key, settings, Resources(settings, loaded), memo)
-        seconds = round(time.perf_counter() - started, 1)
-        _write(out, key, table, {"seconds": seconds, "images": int(table["n_images"].iloc[0]),
+        seconds, cpu_seconds = round(time.perf_counter() - started, 1), round(time.process_time() - cpu_started, 1)
+        _write(out, key, table, {"seconds": seconds, "cpu_seconds": cpu_seconds, "images": int(table["n_images"].iloc[0]),
                                  "calibration_images": config.data.calibration, "peak_memory_mib": peak_memory_mib(),
                                  **run_metadata(settings, command)})
     return table
