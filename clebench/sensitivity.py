@@ -160,7 +160,7 @@ def sqnr_db(signal: float, noise: float) -> float:
 
 @dataclass
 class _Score:
-    """Sums over the images: FP32 logit power, squared logit error, correct top-1 count."""
+    """Sums over the images: squared logit error against FP32, correct top-1 count."""
 
     noise: float = 0.0
     correct: int = 0

@@ -108,11 +108,22 @@ def test_hbf_columns_report_the_absorbed_bias():
     assert row["absorbed_bias_max"] == pytest.approx(absorbed.max().item())
 
 
+def _architecture(name: str) -> nn.Module:
+    if name in CIFAR10_BUILDERS:
+        return CIFAR10_BUILDERS[name]()
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from efficientnet_lite_pytorch import EfficientNet
+
+    return EfficientNet.from_name("efficientnet-lite0")
+
+
 @pytest.mark.parametrize("name, relu6", [("mobilenet_v2_cifar10", "keep"), ("mobilenet_v2_cifar10", "clip"),
-                                         ("resnet18_cifar10", "keep")])
+                                         ("resnet18_cifar10", "keep"), ("efficientnet_lite0", "keep"),
+                                         ("efficientnet_lite0", "clip")])
 def test_output_side_reason_is_none_exactly_where_discovery_finds_a_hop(name, relu6):
-    """The reasons come from a walk over the same predicates as graph.find_cls_chains; check it on the zoo graphs."""
-    model = graph.prepare_model(CIFAR10_BUILDERS[name]().eval())
+    """The reasons come from a walk over the same predicates as graph.find_cls_chains; check it on the zoo graphs
+    (architectures only: the graph does not depend on the weights)."""
+    model = graph.prepare_model(_architecture(name).eval())
     fold_all_batch_norms(model)
     gm = graph.trace(model)
     heads = {hop.layer for chain in graph.find_cls_chains(gm, relu6) for hop in chain}

@@ -105,3 +105,48 @@ def test_replayed_passes_equal_full_passes_of_the_sim():
                 top1 = 100 * (logits.argmax(1) == labels).double().mean().item()
                 assert rows.loc[unit.name, f"{mode}_top1"] == pytest.approx(top1)
     assert rows.loc[sensitivity.WHOLE_MODEL, "fp32_top1"] == pytest.approx(100 * (reference.argmax(1) == labels).double().mean().item())
+
+
+def test_a_second_row_keeps_the_first_rows_and_a_rerun_replaces_its_own(tmp_path):
+    import pandas as pd
+
+    from clebench.sweep import results
+    from clebench.sweep.results import RowKey
+    from clebench.sweep.sensitivity import SENSITIVITY_META_FILE, _write
+
+    def table(key: RowKey, units: list[str]) -> pd.DataFrame:
+        return pd.DataFrame({"unit": units, "rank": range(1, len(units) + 1)}).assign(
+            model=key.model, steps=key.steps, quant=key.quant).reindex(columns=results.SENSITIVITY_COLUMNS)
+
+    first, second = RowKey("m", "cifar10", "bn_fold", "w4a8_per_tensor_minmax"), RowKey("m", "cifar10", "bn_fold", "w8a8_per_tensor_minmax")
+    _write(tmp_path, first, table(first, ["a", "b"]), {"seconds": 1})
+    _write(tmp_path, second, table(second, ["c"]), {"seconds": 2})
+    _write(tmp_path, first, table(first, ["d"]), {"seconds": 3})
+    written = pd.read_csv(tmp_path / results.SENSITIVITY_FILE)
+    assert list(written.columns) == results.SENSITIVITY_COLUMNS
+    assert list(zip(written["quant"], written["unit"])) == [(second.quant, "c"), (first.quant, "d")]
+    meta = results.read_json(tmp_path / SENSITIVITY_META_FILE)
+    assert {k: v["seconds"] for k, v in meta.items()} == {"|".join(first): 3, "|".join(second): 2}
+
+
+@pytest.mark.slow
+def test_the_command_ranks_a_cifar_row_and_refuses_bad_input(config_file, tmp_path):
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    from clebench.sweep import results
+
+    command = [sys.executable, "-m", "clebench", "sensitivity", str(config_file), "--steps", "bn_fold", "--out", str(tmp_path),
+               "--no-progress", "--images", "10"]
+    bad = subprocess.run([*command, "--quant", "w4a8_per_tensor_nope"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    done = subprocess.run([*command, "--quant", "w4a8_per_tensor_minmax"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    table = pd.read_csv(tmp_path / results.SENSITIVITY_FILE)
+    units = table[table["kind"] != "model"]
+    assert sorted(units["rank"]) == list(range(1, len(units) + 1)) and len(units) > 53  # 53 layers, then adds ...
+    assert list(table["unit"].tail(2)) == ["(whole model)", "(sum of single-unit parts)"]
+    assert (table["n_images"] == 10).all() and (units["only_sqnr_db"] > 0).all()
+    assert units["only_sqnr_db"].is_monotonic_increasing
