@@ -166,7 +166,7 @@ class _Score:
     correct: int = 0
 
 
-def sensitivity(sim: QuantSim, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *, chunk: int = 50,
+def sensitivity(sim: QuantSim, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *, chunk: int = 25,
                 progress: bool = True) -> pd.DataFrame:
     """The UNIT_COLUMNS table of a calibrated `sim` on the (images, labels) `batches`, against its FP32 model (the
     sim with every quantizer off, which is the FP32 function exactly).
