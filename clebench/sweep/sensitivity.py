@@ -1,7 +1,7 @@
 """`clebench sensitivity`: the per-layer sensitivity table of one sweep row, written into a results folder.
 
-The row is built exactly as a sweep builds it (same FP32 prefixes, bias correction, calibration images and memoized
-activation ranges, through clebench.sweep.execute), then clebench.sensitivity runs on the config's first
+The row is built exactly as a sweep builds it (same FP32 prefixes, bias correction, calibration images and
+activation-range memo, through clebench.sweep.execute), then clebench.sensitivity runs on the config's first
 data.limit class-balanced evaluation images. sensitivity.csv keeps the rows of other sweep rows already there;
 sensitivity.json records per row the command, the wall and CPU time (all threads; the steadier figure on a shared
 machine) and the machine.
@@ -17,9 +17,9 @@ from clebench.data import datasets
 from clebench.quant import QuantConfig
 from clebench.sweep import results, steps
 from clebench.sweep.config import SweepConfig
-from clebench.sweep.execute import DiskMemo, Memo, Resources, Settings, peak_memory_mib, row_sensitivity
+from clebench.sweep.execute import Memo, Resources, Settings, peak_memory_mib, row_sensitivity
 from clebench.sweep.results import RowKey
-from clebench.sweep.run import SCRATCH_FOLDER, check_models, run_metadata
+from clebench.sweep.run import check_models, run_metadata
 
 SENSITIVITY_META_FILE = "sensitivity.json"
 
@@ -39,11 +39,9 @@ def run_row_sensitivity(config: SweepConfig, combination: str, quant: str, out: 
     spec = config.models[0]
     steps.check_for_model(parsed, loaded[spec.name], spec.name)
     key = RowKey(spec.name, config.data.dataset, steps.combination_name(parsed), quant_name)
-    scratch = out / SCRATCH_FOLDER  # an interrupted distributed sweep's memo: its activation ranges are reused
-    memo = DiskMemo(scratch) if scratch.is_dir() else Memo()
     started, cpu_started = time.perf_counter(), time.process_time()
     with results.FolderLock(out):
-        table = row_sensitivity(key, settings, Resources(settings, loaded), memo)
+        table = row_sensitivity(key, settings, Resources(settings, loaded), Memo())
         seconds, cpu_seconds = round(time.perf_counter() - started, 1), round(time.process_time() - cpu_started, 1)
         _write(out, key, table, {"seconds": seconds, "cpu_seconds": cpu_seconds, "images": int(table["n_images"].iloc[0]),
                                  "calibration_images": config.data.calibration, "peak_memory_mib": peak_memory_mib(),
