@@ -8,7 +8,6 @@
     sensitivity.csv      per-layer quantization sensitivity of one row (`clebench sensitivity`; SENSITIVITY_COLUMNS)
     predictions.npz      every row's per-image top-1 class (int16), FP32 and quantized, and the labels
     meta.json            the config, its hash, the machine and device, the last run's work counters
-    cle_sets.csv, cle_skipped.csv, sensitivity.csv   CLE diagnostics and per-layer sensitivity (when written)
     results.md, *.png, report.html                   written from the files above by clebench.reporting.report
     .lock                held by the one process that writes the folder
 
@@ -82,9 +81,6 @@ CLE_SKIPPED_FILE = "cle_skipped.csv"
 SENSITIVITY_FILE = "sensitivity.csv"
 PREDICTIONS_FILE = "predictions.npz"
 META_FILE = "meta.json"
-CLE_SETS_FILE = "cle_sets.csv"
-CLE_SKIPPED_FILE = "cle_skipped.csv"
-SENSITIVITY_FILE = "sensitivity.csv"
 REPORT_FILE = "report.html"
 LOCK_FILE = ".lock"
 
