@@ -22,6 +22,7 @@ EXAMPLES = """examples:
   clebench check runs/cifar10_ci --baseline results/cifar10_ci/baseline.json --tolerance 0.5
   clebench export mobilenet_v2_cifar10 --steps bn_fold+cls_relu6_clip+hbf --quant w8a8_per_tensor_minmax --out m.onnx
   clebench gap mobilenet_v2_cifar10 --steps bn_fold --quant w8a8_per_tensor_minmax --runtime openvino
+  clebench sensitivity configs/cifar10.toml --model mobilenet_v2_cifar10 --steps bn_fold --quant w4a8_per_tensor_minmax --images 500 --out runs/sens
   clebench cache ls
 """
 
@@ -158,6 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
     gap.add_argument("--threads", type=positive_int, help="runtime threads (default: the runtime's)")
     add_data_arguments(gap)
 
+    sensitivity = commands.add_parser(
+        "sensitivity", help="per-layer quantization sensitivity of one sweep row",
+        description="Quantize one layer at a time, all but one layer, one layer's weights or its output activation only, "
+        "and rank the layers by the output SQNR (dB) against FP32 on --images class-balanced evaluation images (top-1 "
+        "beside it); writes OUT/sensitivity.csv (rows of other sweep rows kept) and OUT/sensitivity.json (command, "
+        "time). Data, calibration and batch size come from CONFIG.")
+    sensitivity.add_argument("config", type=Path, help="TOML sweep config whose [data] table is used (see configs/)")
+    sensitivity.add_argument("--model", help="one of the config's models (default: its only model)")
+    sensitivity.add_argument("--steps", required=True, help="step combination, e.g. bn_fold or bn_fold+cls_relu6_clip+hbf")
+    sensitivity.add_argument("--quant", required=True, help="quantization setting, e.g. w4a8_per_tensor_minmax")
+    sensitivity.add_argument("--images", type=positive_int, default=500,
+                             help="class-balanced evaluation images; the cost is ~4 passes over them per layer (default: 500)")
+    sensitivity.add_argument("--out", type=Path, required=True, help="folder to write sensitivity.csv into (e.g. a sweep's)")
+    sensitivity.add_argument("--data-root", help="folder holding the data sets (default: $CLEBENCH_DATA)")
+    sensitivity.add_argument("--models-dir", help="folder holding <model>.pt checkpoints (default: $CLEBENCH_MODELS)")
+    sensitivity.add_argument("--device", type=device_name, default="cpu", help="torch device (default: cpu)")
+    sensitivity.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     cache = commands.add_parser("cache", help="list or delete the decoded-image cache",
                                 description="The decoded images load_images keeps on disk, one entry per data set "
                                 "split, file list and resize/crop (default folder: $CLEBENCH_CACHE, else "
@@ -212,6 +231,28 @@ def run_gap(args: argparse.Namespace) -> int:
     if args.csv:
         gap.table.to_csv(args.csv, index=False, float_format="%.4f")
         print(f"wrote {args.csv}")
+    return 0
+
+
+def run_sensitivity(args: argparse.Namespace) -> int:
+    import time
+
+    from clebench.sweep.config import load_config
+    from clebench.sweep.sensitivity import run_row_sensitivity
+
+    config = load_config(args.config)
+    names = [spec.name for spec in config.models]
+    if args.model is None and len(names) > 1:
+        raise ValueError(f"{args.config} has several models ({', '.join(names)}): choose one with --model")
+    command = "clebench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    started = time.perf_counter()
+    table = run_row_sensitivity(config.with_models([args.model or names[0]]).with_limit(args.images), args.steps,
+                                args.quant, args.out, data_root=args.data_root, models_dir=args.models_dir,
+                                device=args.device, progress=not args.no_progress, command=command)
+    print(f"{args.out / 'sensitivity.csv'}: {len(table) - 2} units ranked on {args.images} images "
+          f"({time.perf_counter() - started:.0f} s)")
+    print(table.head(10).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print(table.tail(2).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     return 0
 
 
@@ -342,7 +383,7 @@ def is_user_error(error: BaseException) -> bool:
     innermost = traceback.extract_tb(error.__traceback__)[-1:]
     return bool(innermost) and Path(innermost[0].filename).resolve().is_relative_to(PACKAGE_DIR)
 COMMANDS = {"sweep": run_sweep, "report": run_report, "ranges": run_ranges, "check": run_check, "export": run_export, "gap": run_gap,
-            "cache": run_cache}
+            "sensitivity": run_sensitivity, "cache": run_cache}
 
 
 def main(argv: list[str] | None = None) -> int:

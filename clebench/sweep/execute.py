@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from clebench import graph, ranges
+from clebench import cle_diagnostics, graph, ranges, sensitivity
 
 from clebench.data import datasets
 
@@ -33,7 +33,7 @@ from clebench.models import Preprocessing, load_model, model_preprocessing
 from clebench.sweep.plan import WorkUnit, combination_of
 from clebench.precision import fp32_precision
 from clebench.quant import QuantConfig, QuantSim
-from clebench.sweep.results import RowKey, deploy_column, labels_name, prediction_name
+from clebench.sweep.results import SENSITIVITY_COLUMNS, RowKey, deploy_column, labels_name, prediction_name
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,8 @@ class UnitResult:
     rows: dict[RowKey, dict] = field(default_factory=dict)
     layer_ranges: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)  # (model, steps) -> rows
     channel_ranges: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)
+    cle_sets: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)  # prefixes that scale only
+    cle_skipped: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)
     predictions: dict[str, np.ndarray] = field(default_factory=dict)  # results.prediction_name -> int [N]
     work: Work = field(default_factory=Work)
 
@@ -217,9 +219,11 @@ class _UnitRun:
             state = copy.deepcopy(parent)
             if not steps.apply_fp32_step(prefix[-1], state):
                 self.states[prefix] = (parent, parent_print)
+                self._record_cle(prefix, state)  # an hbf that absorbed nothing still says so
                 return
         self.states[prefix] = (state, fingerprint(state.model))
         self._record_ranges(prefix, state.model)
+        self._record_cle(prefix, state)
 
     def _record_ranges(self, prefix: steps.Combination, model: nn.Module) -> None:
         name, model_name = steps.combination_name(prefix), self.result.unit.model.name
@@ -229,6 +233,20 @@ class _UnitRun:
         key = (model_name, name)
         self.result.layer_ranges[key] = ranges.layer_ranges(model).assign(model=model_name, steps=name)
         self.result.channel_ranges[key] = ranges.channel_stats(model, chosen).assign(model=model_name, steps=name)
+
+    def _record_cle(self, prefix: steps.Combination, state: steps.PipelineState) -> None:
+        """cle_sets / cle_skipped rows of a prefix that ends in a CLS step or in hbf, against the model before CLS."""
+        cls_index = next((i for i, step in enumerate(prefix) if step in steps.CLS_STEPS), None)
+        if cls_index is None or prefix[-1] not in (prefix[cls_index], "hbf") or not state.cls_infos:
+            return
+        before = self.states[prefix[:cls_index]][0].model
+        key = (self.result.unit.model.name, steps.combination_name(prefix))
+        sets = cle_diagnostics.cls_set_rows(state.cls_infos, before, state.model, self.inputs.calibration_batches,
+                                            state.bn_map, hbf_ran="hbf" in prefix)
+        scaled = {name for text in sets["layers"] for name in text.split(" → ")}
+        skipped = cle_diagnostics.skipped_layers(before, steps.CLS_STEPS[prefix[cls_index]], scaled)
+        self.result.cle_sets[key] = sets.assign(model=key[0], steps=key[1])
+        self.result.cle_skipped[key] = skipped.assign(model=key[0], steps=key[1])
 
     def row(self, key: RowKey) -> None:
         started = time.perf_counter()
@@ -274,6 +292,20 @@ class _UnitRun:
         accuracy = self.memo.get("quantized", memo_key)
         if accuracy is not None:
             return accuracy
+        sim = self.calibrated_sim(state, print_, correction, quant)
+        desc = f"{self.result.unit.model.name} {quant.name}"
+        engine = self.settings.config.eval.engine
+        accuracy = self._evaluate_sim(sim, "torch" if engine == "torch" else f"{engine}-sim", desc)
+        deploy = self.settings.config.eval.deploy
+        if deploy:
+            accuracy = accuracy | {"deploy": {target: self._deploy(sim, target, f"{desc} {target} int8") for target in deploy}}
+        self.memo.put("quantized", memo_key, accuracy)
+        self.result.work.quantized_evaluations += 1
+        return accuracy
+
+    def calibrated_sim(self, state: steps.PipelineState, print_: str, correction: str | None,
+                       quant: QuantConfig) -> QuantSim:
+        """The row's QuantSim: `state`'s model, bias-corrected if asked, with memoized activation ranges."""
         calibration = self.inputs.calibration_batches
         model, model_print = state.model, print_
         if correction is not None:
@@ -286,15 +318,7 @@ class _UnitRun:
             model, model_print = corrected.model, fingerprint(corrected.model)
         sim = QuantSim(model, calibration[0][0][:1], quant)
         sim.set_activation_ranges(self._activation_ranges(sim, model_print, quant))
-        desc = f"{self.result.unit.model.name} {quant.name}"
-        engine = self.settings.config.eval.engine
-        accuracy = self._evaluate_sim(sim, "torch" if engine == "torch" else f"{engine}-sim", desc)
-        deploy = self.settings.config.eval.deploy
-        if deploy:
-            accuracy = accuracy | {"deploy": {target: self._deploy(sim, target, f"{desc} {target} int8") for target in deploy}}
-        self.memo.put("quantized", memo_key, accuracy)
-        self.result.work.quantized_evaluations += 1
-        return accuracy
+        return sim
 
     def _evaluate_sim(self, sim: QuantSim, engine: str, desc: str) -> dict:
         """The simulation on torch, or exported and run by a runtime (engine of clebench.runtimes.engines.ENGINES)."""
@@ -339,6 +363,26 @@ class _UnitRun:
             self.memo.put("activation_ranges", memo_key, observed)
             self.result.work.calibrations += 1
         return observed
+
+
+def row_sensitivity(key: RowKey, settings: Settings, resources: Resources, memo: Memo) -> pd.DataFrame:
+    """clebench.sensitivity's table of the sweep row `key` on the config's evaluation images (data.limit of them,
+    class-balanced), with the sweep's FP32 prefixes and memoized activation ranges; SENSITIVITY_COLUMNS."""
+    spec = next(spec for spec in settings.config.models if spec.name == key.model)
+    fp32_steps, correction = steps.split_combination(combination_of(key))
+    unit = WorkUnit(spec, (key,), tuple(fp32_steps[:i] for i in range(len(fp32_steps) + 1)))
+    torch.manual_seed(0)
+    with fp32_precision():
+        run = _UnitRun(unit, settings, resources.inputs(spec), memo)
+        for prefix in unit.prefixes:
+            run.build(prefix)
+        state, print_ = run.states[fp32_steps]
+        sim = run.calibrated_sim(state, print_, correction, QuantConfig.from_name(key.quant))
+        inputs = run.inputs
+        batches = list(datasets.batches(inputs.eval_set, settings.config.data.batch_size, inputs.preprocessing,
+                                        run.device))
+        table = sensitivity.sensitivity(sim, batches, progress=settings.progress)
+    return table.assign(model=key.model, steps=key.steps, quant=key.quant)[SENSITIVITY_COLUMNS]
 
 
 def peak_memory_mib() -> float | None:

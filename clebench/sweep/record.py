@@ -1,5 +1,5 @@
 """Record a sweep: the only writer of a results folder's results.csv, ranges.csv, channel_ranges.csv,
-predictions.npz and meta.json.
+cle_sets.csv, cle_skipped.csv, predictions.npz and meta.json.
 
 The recorder runs in the driver. It locks the folder, refuses a folder of another config, and records each finished
 unit at once, every file in a canonical order (config order) whatever order the units finish in, so a local run and
@@ -43,6 +43,8 @@ class Recorder:
         self.rows: dict[RowKey, dict] = {}
         self.layer_ranges: dict[tuple[str, str], pd.DataFrame] = {}
         self.channel_ranges: dict[tuple[str, str], pd.DataFrame] = {}
+        self.cle_sets: dict[tuple[str, str], pd.DataFrame] = {}
+        self.cle_skipped: dict[tuple[str, str], pd.DataFrame] = {}
         self.predictions: dict[str, np.ndarray] = {}
 
     def __enter__(self) -> Recorder:
@@ -78,18 +80,24 @@ class Recorder:
             self.rows = {RowKey(*(str(row[c]) for c in results.KEY_COLUMNS)): row for row in frame.to_dict("records")}
         self.layer_ranges = _read_by_prefix(self.out / results.RANGES_FILE)
         self.channel_ranges = _read_by_prefix(self.out / results.CHANNEL_RANGES_FILE)
+        self.cle_sets = _read_by_prefix(self.out / results.CLE_SETS_FILE)
+        self.cle_skipped = _read_by_prefix(self.out / results.CLE_SKIPPED_FILE)
         self.predictions = results.read_predictions(self.out / results.PREDICTIONS_FILE)
 
     def record(self, result: UnitResult) -> None:
         """Add a finished unit's output and rewrite the files (rows last)."""
         self.layer_ranges.update(result.layer_ranges)
         self.channel_ranges.update(result.channel_ranges)
+        self.cle_sets.update(result.cle_sets)
+        self.cle_skipped.update(result.cle_skipped)
         self.predictions.update(result.predictions)
         self.rows.update(result.rows)
         results.write_predictions(self.predictions, self.out / results.PREDICTIONS_FILE)
         for tables, filename, columns in (
             (self.layer_ranges, results.RANGES_FILE, results.RANGES_COLUMNS),
             (self.channel_ranges, results.CHANNEL_RANGES_FILE, results.CHANNEL_RANGES_COLUMNS),
+            (self.cle_sets, results.CLE_SETS_FILE, results.CLE_SETS_COLUMNS),
+            (self.cle_skipped, results.CLE_SKIPPED_FILE, results.CLE_SKIPPED_COLUMNS),
         ):
             if tables:
                 ordered = [tables[key] for key in _ordered(tables, self.range_order)]

@@ -3,9 +3,11 @@
     results.csv          one row per (model, dataset, steps, quant): RESULT_COLUMNS
     ranges.csv           per layer and FP32 step prefix: weight-range statistics (clebench.ranges.LAYER_COLUMNS)
     channel_ranges.csv   per channel of the Fig. 2 layers (clebench.ranges.CHANNEL_COLUMNS)
+    cle_sets.csv         per CLS set of each FP32 step prefix that scales (clebench.cle_diagnostics.CLE_SET_COLUMNS)
+    cle_skipped.csv      per layer CLE left alone in such a prefix, with the reason (cle_diagnostics.SKIPPED_COLUMNS)
+    sensitivity.csv      per-layer quantization sensitivity of one row (`clebench sensitivity`; SENSITIVITY_COLUMNS)
     predictions.npz      every row's per-image top-1 class (int16), FP32 and quantized, and the labels
     meta.json            the config, its hash, the machine and device, the last run's work counters
-    cle_sets.csv, cle_skipped.csv, sensitivity.csv   CLE diagnostics and per-layer sensitivity (when written)
     results.md, *.png, report.html                   written from the files above by clebench.reporting.report
     .lock                held by the one process that writes the folder
 
@@ -23,9 +25,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
+from clebench.cle_diagnostics import CLE_SET_COLUMNS, SKIPPED_COLUMNS
 from clebench.errors import UserError
 from clebench.ranges import CHANNEL_COLUMNS, LAYER_COLUMNS
 from clebench.runtimes import RUNTIMES
+from clebench.sensitivity import UNIT_COLUMNS
 
 KEY_COLUMNS = ["model", "dataset", "steps", "quant"]
 # One column family per deploy target (clebench.runtimes.engines.RUNTIMES), filled by a sweep that deploys to it:
@@ -65,15 +69,18 @@ def upgrade_legacy(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.rename(columns=LEGACY_DEPLOY_COLUMNS)
 RANGES_COLUMNS = ["model", "steps", *LAYER_COLUMNS]
 CHANNEL_RANGES_COLUMNS = ["model", "steps", *CHANNEL_COLUMNS]
+CLE_SETS_COLUMNS = ["model", "steps", *CLE_SET_COLUMNS]
+CLE_SKIPPED_COLUMNS = ["model", "steps", *SKIPPED_COLUMNS]
+SENSITIVITY_COLUMNS = ["model", "steps", "quant", *UNIT_COLUMNS, "fp32_top1", "n_images"]
 
 RESULTS_FILE = "results.csv"
 RANGES_FILE = "ranges.csv"
 CHANNEL_RANGES_FILE = "channel_ranges.csv"
-PREDICTIONS_FILE = "predictions.npz"
-META_FILE = "meta.json"
 CLE_SETS_FILE = "cle_sets.csv"
 CLE_SKIPPED_FILE = "cle_skipped.csv"
 SENSITIVITY_FILE = "sensitivity.csv"
+PREDICTIONS_FILE = "predictions.npz"
+META_FILE = "meta.json"
 REPORT_FILE = "report.html"
 LOCK_FILE = ".lock"
 
