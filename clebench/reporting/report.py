@@ -415,10 +415,12 @@ def plot_channel_ranges(channels: pd.DataFrame, path: Path, model: str) -> Path:
 
 
 def sensitivity_value_column(frame: pd.DataFrame) -> str | None:
-    """The column of a sensitivity table to chart: the first numeric one whose name says top-1 change ('delta' and
-    'top1'), else the first with 'top1', else the first floating-point one; None when it has none."""
+    """The column of a sensitivity table to chart: `clebench sensitivity`'s logit SQNR with only that unit quantized
+    (the ranking), else the first numeric one whose name says top-1 change ('delta' and 'top1'), else the first with
+    'top1', else the first floating-point one; None when it has none."""
     numeric = [c for c in frame.columns if pd.api.types.is_float_dtype(frame[c])]
-    for wanted in (lambda c: "delta" in c and "top1" in c, lambda c: "top1" in c, lambda c: True):
+    for wanted in (lambda c: c == "only_sqnr_db", lambda c: "delta" in c and "top1" in c, lambda c: "top1" in c,
+                   lambda c: True):
         found = [c for c in numeric if wanted(c)]
         if found:
             return found[0]
@@ -437,7 +439,9 @@ def plot_per_row(frame: pd.DataFrame, value: str, path: Path, title: str) -> Pat
     ax.set_yticks(y, labels, fontsize=7)
     ax.set_ylim(len(frame) - 0.5, -0.5)
     ax.axvline(0.0, color="black", linewidth=0.8)
-    ax.set_xlabel(value + (" (points)" if "delta" in value else " (%)" if "top1" in value else ""))
+    unit = " (dB; lower: more sensitive)" if value.endswith("sqnr_db") else (
+        " (points)" if "delta" in value else " (%)" if "top1" in value else "")
+    ax.set_xlabel(value + unit)
     ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
     return _save(figure, path)
