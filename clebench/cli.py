@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="simulation engine for quantized rows (default: the config's [eval] engine, else torch); "
                        "onnxruntime / openvino run the exported QDQ model on that runtime's float kernels (CPU, needs "
                        "the onnx / openvino extra)")
+    sweep.add_argument("--deploy", nargs="*", choices=RUNTIMES, metavar="RUNTIME",
+                       help="also run every quantized row on these runtimes' int8 kernels (onnxruntime, openvino; "
+                       "default: the config's [eval] deploy); no name: deploy nowhere")
     sweep.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                        help="run the work units as Ray tasks: alone, on a Ray started here with this machine's CPUs/GPUs; "
                        "'auto' or HOST:PORT joins a running cluster (needs the ray extra)")
@@ -266,7 +269,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         config = config.with_limit(args.limit)
     if args.models:
         config = config.with_models(args.models)
-    config = config.with_execution(ray=args.ray, gpus_per_task=args.gpus_per_task).with_engine(args.engine)
+    config = config.with_execution(ray=args.ray, gpus_per_task=args.gpus_per_task).with_engine(args.engine).with_deploy(args.deploy)
     out = args.out or Path("runs") / args.config.stem
     command = "clebench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     outcome = run_sweep(config, out, data_root=args.data_root, models_dir=args.models_dir, device=args.device,

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import tomllib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from clebench.reporting.report import write_report
-from clebench.sweep.config import ConfigError, parse_config
+from clebench.sweep.config import ConfigError, load_config, parse_config
 from clebench.sweep.results import (RESULT_COLUMNS, deploy_columns, deploy_targets, prediction_name, read_predictions,
                                     RowKey, upgrade_legacy, write_predictions)
 from clebench.sweep.run import layers_per_row
 from sweeps import CONFIG
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def config_with(eval_table: str):
@@ -80,3 +83,14 @@ def test_an_older_folders_int8_table_still_reports(tmp_path):
                  ).to_csv(tmp_path / "results.csv", index=False)
     markdown = write_report(tmp_path)[0].read_text()
     assert "### Simulated vs real int8 (ONNX Runtime) top-1 (%)" in markdown and "91.00 / 90.50 (99.0)" in markdown
+
+
+def test_deploy_flag_overrides_the_config_and_hashes_like_the_same_config_written_out(tmp_path):
+    config = load_config(ROOT / "configs" / "imagenet_sample_lite0.toml")
+    deployed = config.with_deploy(["onnxruntime", "openvino"])
+    assert deployed.eval.deploy == ("onnxruntime", "openvino") and config.eval.deploy == ()
+    written = tmp_path / "lite0.toml"
+    written.write_text((ROOT / "configs" / "imagenet_sample_lite0.toml").read_text()
+                       + '\n[eval]\ndeploy = ["onnxruntime", "openvino"]\n')
+    assert load_config(written).hash == deployed.hash != config.hash
+    assert config.with_deploy(None) is config

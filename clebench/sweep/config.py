@@ -160,6 +160,12 @@ class SweepConfig:
             return self
         return replace(self, eval=_eval({"engine": engine, "deploy": list(self.eval.deploy)}))
 
+    def with_deploy(self, targets: list[str] | None) -> SweepConfig:
+        """The same sweep deployed to `targets` as well (None: unchanged; [] deploys nowhere)."""
+        if targets is None:
+            return self
+        return replace(self, eval=_eval({"engine": self.eval.engine, "deploy": list(targets)}))
+
     def with_limit(self, limit: int | None) -> SweepConfig:
         return replace(self, data=replace(self.data, limit=_positive_int(limit, "data.limit", allow_none=True)))
 
