@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     gap.add_argument("--mode", choices=MODES, default="int8",
                      help="int8: the runtime's integer kernels, with int32 biases (default); sim: its float kernels")
     gap.add_argument("--images", type=positive_int, default=32, help="test images, class-balanced (default: 32)")
+    gap.add_argument("--split", default="test", help="split the images come from (default: test; imagenet-sample for the ImageNet sample)")
     gap.add_argument("--threshold", type=float, default=30.0, help="name the first tensor below this SQNR in dB (default: 30)")
     gap.add_argument("--csv", type=Path, help="also write the per-tensor table to this CSV file")
     gap.add_argument("--threads", type=positive_int, help="runtime threads (default: the runtime's)")
@@ -225,11 +226,11 @@ def run_gap(args: argparse.Namespace) -> int:
     runtime(args.runtime).runtime_info()  # a runtime that is not installed stops here, naming its extra
     sim, _ = calibrated_row(args)
     preprocessing = model_preprocessing(args.model)
-    test = datasets.load_images(args.dataset, "test", args.data_root, preprocessing, limit=args.images)
+    test = datasets.load_images(args.dataset, args.split, args.data_root, preprocessing, limit=args.images)
     inputs = next(iter(datasets.batches(test, args.images, preprocessing)))[0]
     gap = layer_gap(sim, inputs, runtime_name=args.runtime, mode=args.mode, threads=args.threads)
     title = (f"{args.model} {args.steps} {args.quant}: {args.runtime} ({args.mode}) against the torch simulation on "
-             f"{len(inputs)} {args.dataset} test images")
+             f"{len(inputs)} {args.dataset} {args.split} images")
     print(format_gap(gap, title, args.threshold))
     if args.csv:
         gap.table.to_csv(args.csv, index=False, float_format="%.4f")
