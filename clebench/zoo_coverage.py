@@ -358,10 +358,22 @@ def check_export(model: nn.Module, size: int) -> ExportResult:
         logits = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0])
     with torch.no_grad():
         expected = sim.model(inputs)
-    output = next(node for node in reversed(sim.model.graph.nodes) if node.op == "output").args[0]
-    step = float(sim.model.get_submodule(output.target).encoding.scale) if output.op == "call_module" else float("nan")
+    step = _output_step(sim)
     steps = ((logits - expected).abs() / step).round()  # both sides sit on the output grid: whole steps apart
     return ExportResult(True, "", float(steps.max()), float((steps > EXPORT_STEPS).float().mean()))
+
+
+def _output_step(sim) -> float:
+    """The scale of the quantizer whose grid the logits are on (past value-preserving ops such as a flatten)."""
+    from clebench.quant.sim import ActivationQuantizer
+
+    modules = dict(sim.model.named_modules())
+    node = next(node for node in reversed(sim.model.graph.nodes) if node.op == "output").args[0]
+    while not isinstance(graph.module_of(node, modules), ActivationQuantizer):
+        if not ops.is_value_preserving(node, modules):
+            return float("nan")
+        node = node.args[0]
+    return float(modules[node.target].encoding.scale)
 
 
 def check_model(name: str) -> ZooResult:

@@ -22,7 +22,7 @@ from clebench.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
-EXPORT_STEPS_MEASURED = {"inception_v3": 5, "swin_v2_t": 3}  # the handful's models past 2 steps, as measured
+EXPORT_STEPS_MEASURED = {"inception_v3": 5, "swin_v2_t": 3, "squeezenet1_0": 3}  # the handful's models past 2 steps, as measured
 
 ZOO = {  # name: (BN folds, keep (pairs, triples), clip (pairs, triples))
     "resnet18": (20, (8, 0), (8, 0)),
@@ -142,7 +142,8 @@ def test_script_writes_the_report_for_a_model_filter(tmp_path):
     assert subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300).returncode == 0
     text = output.read_text()
     assert f"torch {torch.__version__}" in text and "`python scripts/zoo_coverage.py --models squeezenet1_. --output" in text
-    assert "**2 models: 2 ok, 0 rejected with UntraceableModelError, 0 FAIL.**" in text
+    assert "**2 models: 2 ok, 0 rejected with UntraceableModelError, 0 FAIL. Export: 2 exported, 0 refused;" in text
+    assert "| squeezenet1_0 | 64 | yes |" in text and "| squeezenet1_1 | 64 | yes |" in text
     assert [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| squeeze")] == ["| squeezenet1_0", "| squeezenet1_1"]
-    with pytest.raises(UserError, match="'resnet1' matches no torchvision classification model"):
+    with pytest.raises(UserError, match="'resnet1' matches no torchvision classification or clebench model"):
         zoo_coverage.select(["resnet1"])
