@@ -2,11 +2,14 @@
 correction's meaning, determinism and memoization, the [adaround] config table and the config hash."""
 from __future__ import annotations
 
+import tomllib
+
 import pytest
 import torch
 from torch import nn
 
-from conftest import randomize_batch_norms
+from conftest import randomize_batch_norms, require_extra
+from sweeps import CONFIG as SWEEP_CONFIG
 from clebench import graph
 from clebench.adaround import AdaroundSettings
 from clebench.data.datasets import ImageSet
@@ -17,6 +20,7 @@ from clebench.sweep import steps
 from clebench.sweep.config import ConfigError, parse_config
 from clebench.sweep.execute import Memo, ModelInputs, Resources, Settings, execute_unit
 from clebench.sweep.plan import plan
+from clebench.sweep.run import run_sweep
 
 W4 = QuantConfig.from_name("w4a8_per_tensor_minmax")
 FEW = AdaroundSettings(iterations=20)
@@ -217,3 +221,22 @@ def test_the_hash_covers_adaround_options_only_where_a_row_runs_adaround():
               for table in ({}, {"iterations": 5}, {"seed": 1}, {"beta_range": [10, 2]}, {"calibration_images": 64})}
     assert len(hashes) == 5
     assert parse_config(base_config()).hash == parse_config(base_config(adaround={"iterations": 1000})).hash
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_adaround_once_for_two_rows_and_deploys_them(tmp_path, data_root, models_dir):
+    require_extra("onnxruntime")
+    text = (SWEEP_CONFIG.replace('steps = ["bn_fold", "bn_fold+relu6_to_relu", "bn_fold+cls_relu6_clip", '
+                                 '"bn_fold+cls_relu6_clip+hbf+bias_correction"]',
+                                 'steps = ["bn_fold+cls_relu6_clip+hbf+adaround", '
+                                 '"bn_fold+cls_relu6_clip+hbf+adaround+bias_correction"]')
+            .replace(', "w4a8_per_tensor_minmax"]', "]").replace('"w8a8_per_tensor_minmax"', '"w4a8_per_tensor_minmax"'))
+    config = parse_config(tomllib.loads(text + '[eval]\ndeploy = ["onnxruntime"]\n[adaround]\niterations = 3\n'))
+    assert [len(c) for c in config.combinations] == [4, 5] and config.quant == ("w4a8_per_tensor_minmax",)
+    outcome = run_sweep(config, tmp_path / "out", data_root=data_root, models_dir=models_dir, progress=False)
+    assert outcome.work.adaround_runs == 1  # both rows share one AdaRound
+    rows = outcome.table
+    assert len(rows) == 2 and rows["quant_top1"].notna().all()
+    # the rounded weights export exactly: every layer on ONNX Runtime's integers, its predictions the sim's
+    assert (rows["onnxruntime_integer_layers"] == 53).all() and (rows["onnxruntime_float_layers"] == 0).all()
+    assert (rows["onnxruntime_agreement"] >= 90).all()
