@@ -2,7 +2,7 @@
 
     models = ["resnet18_cifar10", "mobilenet_v2_cifar10"]   # or [[models]] tables: name = "...", checkpoint = "..."
                                                             # (a relative checkpoint is relative to the config file)
-    steps = "paper"                                         # a preset ("paper", "all") or ["bn_fold", "bn_fold+cls", ...]
+    steps = "paper"                                         # a preset ("paper", "ptq", "all") or ["bn_fold", "bn_fold+cls", ...]
     quant = ["w8a8_per_tensor_minmax", "w8a8_per_channel_minmax"]
 
     [data]
