@@ -101,7 +101,8 @@ def ptq_ladder(folder: str) -> str:
     body = []
     for model in models:
         rows = table[table["model"] == model]
-        cls = "cls" if any(s.startswith("bn_fold+cls+") for s, _ in rows.index) else "cls_relu6_clip"
+        ran = {s.split("+")[1] for s, _ in rows.index if s.startswith("bn_fold+cls")}
+        cls = "cls_relu6_clip" if ran == {"cls_relu6_clip"} else "cls"  # a network with ReLU6 runs only the clip
 
         def top1(steps: str, quant: str, column: str = "quant_top1") -> float | None:
             return rows.loc[(steps, quant), column] if (steps, quant) in rows.index else None
