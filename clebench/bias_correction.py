@@ -209,7 +209,8 @@ def _correct_analytical(candidates, modules, quantized, bn_map, infos) -> int:
         if input_mean is None:
             skipped.append(node.target)
             continue
-        _subtract(layer, layers.constant_input_response(layer, input_mean, weight=quantized[node.target] - layer.weight.detach()))
+        error = quantized[node.target] - layer.weight.detach()
+        _subtract(layer, layers.constant_input_response(layer, input_mean, weight=error))
         corrected += 1
     if skipped:
         logger.info("analytical bias correction skips %d layers (no BN-folded producer): %s", len(skipped), skipped)
