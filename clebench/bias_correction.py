@@ -65,6 +65,7 @@ def correct_bias(
     method: str = "analytical",
     batches: Iterable | None = None,
     progress: bool = True,
+    quantized_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> int:
     """Correct the bias of every conv / linear layer of the BN-folded FP32 `model` in place; return how many.
 
@@ -75,6 +76,8 @@ def correct_bias(
     batches: calibration inputs (tensors or (inputs, labels)) for 'empirical'; held in memory while correcting.
     Layers called at several places, and (analytical) layers whose input is not a BN-folded layer's output through
     element-wise activations only, are skipped (logged). A layer without bias gets one.
+    quantized_weights: {"<layer>.weight": the weight the quantized model uses} in place of the nearest rounding on
+        config's grid, e.g. AdaRound's rounded weights: the correction then removes their expected output error.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -89,12 +92,32 @@ def correct_bias(
     shared = [n.target for n in gm.graph.nodes if layers.is_layer(graph.module_of(n, modules)) and sites[n.target] > 1]
     if shared:
         logger.info("bias correction skips layers called at several places: %s", sorted(set(shared)))
+    quantized = _quantized_weights(candidates, modules, config, quantized_weights or {})
     if method == "analytical":
         _check_analytical_arguments(bn_map, batches)
-        return _correct_analytical(candidates, modules, config, bn_map, cls_set_infos or [])
+        return _correct_analytical(candidates, modules, quantized, bn_map, cls_set_infos or [])
     if batches is None:
         raise ValueError("method='empirical' needs calibration batches (batches=)")
-    return _correct_empirical(model, candidates, modules, config, batches, progress)
+    return _correct_empirical(model, candidates, modules, quantized, batches, progress)
+
+
+def _quantized_weights(candidates: Sequence[fx.Node], modules: dict[str, nn.Module], config: QuantConfig,
+                       given: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{layer name: its quantized weight}: the given one, else the nearest rounding on config's grid."""
+    names = {f"{node.target}.weight" for node in candidates}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise ValueError(f"quantized_weights names no weight that bias correction corrects: {unknown}")
+    quantized = {}
+    for node in candidates:
+        layer = modules[node.target]
+        weight = given.get(f"{node.target}.weight")
+        if weight is not None and weight.shape != layer.weight.shape:
+            raise ValueError(f"quantized_weights[{node.target + '.weight'!r}] has shape {tuple(weight.shape)}, "
+                             f"the layer's weight {tuple(layer.weight.shape)}")
+        quantized[node.target] = (quantize_weight(layer, config) if weight is None
+                                  else weight.detach().to(layer.weight))
+    return quantized
 
 
 def _check_analytical_arguments(bn_map: object, batches: object) -> None:
@@ -113,10 +136,6 @@ def _check_analytical_arguments(bn_map: object, batches: object) -> None:
 def _subtract(layer: nn.Module, shift: torch.Tensor) -> None:
     with torch.no_grad():
         layers.ensure_bias(layer).sub_(shift.to(layer.weight.dtype))
-
-
-def _weight_error(layer: nn.Module, config: QuantConfig) -> torch.Tensor:
-    return quantize_weight(layer, config) - layer.weight.detach()
 
 
 # -- analytical -------------------------------------------------------------------------------------------------
@@ -176,7 +195,7 @@ def _activation_mean(mean: torch.Tensor, std: torch.Tensor, node: fx.Node | None
     return relu_normal_mean(mean, std)
 
 
-def _correct_analytical(candidates, modules, config, bn_map, infos) -> int:
+def _correct_analytical(candidates, modules, quantized, bn_map, infos) -> int:
     corrected, skipped = 0, []
     for node in candidates:
         layer = modules[node.target]
@@ -190,7 +209,8 @@ def _correct_analytical(candidates, modules, config, bn_map, infos) -> int:
         if input_mean is None:
             skipped.append(node.target)
             continue
-        _subtract(layer, layers.constant_input_response(layer, input_mean, weight=_weight_error(layer, config)))
+        error = quantized[node.target] - layer.weight.detach()
+        _subtract(layer, layers.constant_input_response(layer, input_mean, weight=error))
         corrected += 1
     if skipped:
         logger.info("analytical bias correction skips %d layers (no BN-folded producer): %s", len(skipped), skipped)
@@ -230,7 +250,7 @@ def _output_error(layer: nn.Module, quantized: torch.Tensor, x: torch.Tensor) ->
     return per_channel.double().sum(0), per_channel.shape[0]
 
 
-def _correct_empirical(model, candidates, modules, config, batches, progress) -> int:
+def _correct_empirical(model, candidates, modules, quantized, batches, progress) -> int:
     inputs = [batch_inputs(batch) for batch in batches]
     if not inputs:
         raise ValueError("method='empirical' got no batches: pass a non-empty iterable of calibration batches")
@@ -242,12 +262,11 @@ def _correct_empirical(model, candidates, modules, config, batches, progress) ->
         with torch.no_grad():
             for node in tqdm(candidates, desc="bias correction", unit="layer", disable=not progress):
                 layer = modules[node.target]
-                quantized = quantize_weight(layer, config)
                 total, count = 0.0, 0
                 for batch in inputs:
                     x = _layer_input(model, layer, tuple(t.to(device) for t in batch))
                     if x is not None:
-                        error, positions = _output_error(layer, quantized, x)
+                        error, positions = _output_error(layer, quantized[node.target], x)
                         total, count = total + error, count + positions
                 if count == 0:
                     raise ValueError(f"layer {node.target!r} is not reached by the calibration batches")

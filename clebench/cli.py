@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "AIMET's JSON format. Needs the onnx extra.")
     export.add_argument("model", help="zoo model name (see `clebench ranges --list`)")
     export.add_argument("--out", type=Path, required=True, help="ONNX file to write")
-    export.add_argument("--steps", default="bn_fold", help="step combination, e.g. bn_fold+cls_relu6_clip+hbf (default: bn_fold)")
+    export.add_argument("--steps", default="bn_fold", help="step combination, e.g. bn_fold+cls_relu6_clip+hbf (default: "
+                        "bn_fold); with adaround, AdaRound's defaults learn from the calibration images (minutes on a CPU)")
     export.add_argument("--quant", default="w8a8_per_tensor_minmax", help="quantization setting (default: w8a8_per_tensor_minmax)")
     export.add_argument("--encodings", type=Path, help="AIMET encodings JSON to write (default: OUT with .encodings.json)")
     export.add_argument("--int32-bias", action="store_true", help="int32 biases, as int8 kernels run them (default: as the setting says)")

@@ -85,6 +85,44 @@ def cifar10_models() -> str:
     return markdown(["model", "steps", "FP32", *(name for _, name in CIFAR_QUANTS)], rows, left=2)
 
 
+PTQ_LADDER = [  # rows of the `ptq` preset; "{cls}" is the CLS step the model ran (cls, or cls_relu6_clip with ReLU6)
+    "bn_fold", "bn_fold+{cls}+hbf", "bn_fold+{cls}+hbf+bias_correction", "bn_fold+{cls}+hbf+adaround", "bn_fold+adaround",
+]
+PTQ_QUANTS = [("w8a8_per_tensor_minmax", "W8A8"), ("w6a8_per_tensor_minmax", "W6A8"),
+              ("w4a8_per_tensor_minmax", "W4A8"), ("w4a8_per_channel_minmax", "W4A8 per-channel")]
+
+
+def ptq_ladder(folder: str) -> str:
+    """The `ptq` preset's rows per model: top-1 (%) simulated / on ONNX Runtime's int8 kernels, for the quant settings
+    the folder has; rows it has not finished show "—". Last column per setting: AdaRound with CLE minus without."""
+    table = _results(folder)
+    quants = [(q, name) for q, name in PTQ_QUANTS if q in table.index.get_level_values("quant")]
+    models = list(dict.fromkeys(read_results_table(ROOT / "results" / folder / "results.csv")["model"]))
+    body = []
+    for model in models:
+        rows = table[table["model"] == model]
+        ran = {s.split("+")[1] for s, _ in rows.index if s.startswith("bn_fold+cls")}
+        cls = "cls_relu6_clip" if ran == {"cls_relu6_clip"} else "cls"  # a network with ReLU6 runs only the clip
+
+        def top1(steps: str, quant: str, column: str = "quant_top1") -> float | None:
+            return rows.loc[(steps, quant), column] if (steps, quant) in rows.index else None
+
+        for steps in PTQ_LADDER:
+            steps = steps.format(cls=cls)
+            fp32 = next((top1(steps, q, "fp32_top1") for q, _ in quants if top1(steps, q) is not None), None)
+            cells = [MODEL_NAMES.get(model, model), _steps_label(steps), "—" if fp32 is None else f"{fp32:.1f}"]
+            for quant, _ in quants:
+                sim, int8 = top1(steps, quant), top1(steps, quant, "onnxruntime_top1")
+                cells.append("—" if sim is None else f"{sim:.1f} / {int8:.1f}")
+            body.append(cells)
+        with_cle, without = f"bn_fold+{cls}+hbf+adaround", "bn_fold+adaround"
+        gains = [top1(with_cle, q) - top1(without, q) if None not in (top1(with_cle, q), top1(without, q)) else None
+                 for q, _ in quants]
+        body.append([MODEL_NAMES.get(model, model), "CLE's gain after AdaRound (points)", "",
+                     *("—" if g is None else f"{g:+.1f}" for g in gains)])
+    return markdown(["model", "steps", "FP32", *(f"{name} sim / int8" for _, name in quants)], body, left=2)
+
+
 def _markdown_rows(path: Path) -> list[dict[str, str]]:
     """The rows of the first markdown table in `path`, as {header: cell}."""
     text = path.read_text(encoding="utf-8").splitlines()
@@ -147,6 +185,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "cifar10_resnet18": lambda: accuracy("cifar10/resnet18_cifar10", RESNET18_ROWS, CIFAR_QUANTS, 2, delta=True),
     "cifar10_models": cifar10_models,
     "deploy_gap": deploy_gap,
+    "ptq-cifar10": lambda: ptq_ladder("ptq_cifar10"),
     "engine_speed": engine_speed,
     "simulation_cost": simulation_cost,
 }

@@ -33,3 +33,26 @@ def test_every_block_is_regenerated_from_its_file():
     tampered = readme.replace("84.53 (-6.18)", "84.43 (-6.28)")
     assert tampered != readme and tables.regenerate(tampered, "README.md") == readme
     assert tables.regenerate("<!-- table:engine_speed -->\nstale\n<!-- /table:engine_speed -->\n", "x").count("16.82x") == 1
+
+
+def test_ptq_ladder_picks_the_models_cls_step_and_subtracts_adaround_without_cle(tmp_path):
+    tables = _module()
+    folder = tmp_path / "results" / "ptq"
+    folder.mkdir(parents=True)
+    rows = [("resnet18_cifar10", steps, top1) for steps, top1 in [
+        ("bn_fold", 80.0), ("bn_fold+cls+hbf", 82.0), ("bn_fold+cls+hbf+bias_correction", 83.0),
+        ("bn_fold+cls+hbf+adaround", 88.5), ("bn_fold+adaround", 87.0)]]
+    rows += [("mobilenet_v2_cifar10", "bn_fold+cls_relu6_clip+hbf+adaround", 70.0)]  # unfinished: one row
+    header = "model,dataset,steps,quant,fp32_top1,fp32_top5,quant_top1,quant_top5,delta_top1,n_images," \
+             "n_calibration,seconds,config_hash,onnxruntime_top1\n"
+    body = "".join(f"{model},cifar10,{steps},w4a8_per_tensor_minmax,90,99,{top1},99,{top1 - 90},1000,512,1,abc,"
+                   f"{top1 - 0.5}\n" for model, steps, top1 in rows)
+    (folder / "results.csv").write_text(header + body)
+    tables.ROOT = tmp_path
+    lines = tables.ptq_ladder("ptq").splitlines()
+    assert lines[0] == "| model | steps | FP32 | W4A8 sim / int8 |"
+    assert "| ResNet18 | + CLS + HBF + AdaRound | 90.0 | 88.5 / 88.0 |" in lines
+    assert "| ResNet18 | CLE's gain after AdaRound (points) |  | +1.5 |" in lines
+    assert "| MobileNetV2 | + CLS (ReLU6 clip) + HBF + AdaRound | 90.0 | 70.0 / 69.5 |" in lines
+    assert "| MobileNetV2 | BN fold | — | — |" in lines
+    assert "| MobileNetV2 | CLE's gain after AdaRound (points) |  | — |" in lines

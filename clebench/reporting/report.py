@@ -56,12 +56,13 @@ STEP_LABELS = {
     "cls_relu6_keep": "CLS (ReLU6 kept)",
     "cls_relu6_clip": "CLS (ReLU6 clip)",
     "hbf": "HBF",
+    "adaround": "AdaRound",
     "bias_correction": "BC",
     "bias_correction_empirical": "BC (empirical)",
 }
 ABBREVIATIONS = ("BN fold: batch-norm folding; CLS: cross-layer scaling (ReLU6 kept: chains end at ReLU6; ReLU6 clip: "
-                 "scaled through ReLU6, made a per-channel clip); HBF: high-bias folding; BC: analytical bias correction "
-                 "(empirical: from calibration data).")
+                 "scaled through ReLU6, made a per-channel clip); HBF: high-bias folding; AdaRound: learned weight rounding; "
+                 "BC: analytical bias correction (empirical: from calibration data).")
 DEPLOY_NOTE = ("Each cell: simulated / {}'s int8 kernels (agreement: % of images with the same top-1 class as the "
                "simulation).")
 DIAGNOSTICS = ((CLE_SETS_FILE, "CLE: cross-layer-scaling sets"), (CLE_SKIPPED_FILE, "CLE: layers left alone"),

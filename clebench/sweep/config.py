@@ -2,7 +2,7 @@
 
     models = ["resnet18_cifar10", "mobilenet_v2_cifar10"]   # or [[models]] tables: name = "...", checkpoint = "..."
                                                             # (a relative checkpoint is relative to the config file)
-    steps = "paper"                                         # a preset ("paper", "all") or ["bn_fold", "bn_fold+cls", ...]
+    steps = "paper"                                         # a preset ("paper", "ptq", "all") or ["bn_fold", "bn_fold+cls", ...]
     quant = ["w8a8_per_tensor_minmax", "w8a8_per_channel_minmax"]
 
     [data]
@@ -25,12 +25,22 @@
     gpus_per_task = 0.25
     unit = "prefix"              # or "model": one work unit per model
 
+    [adaround]                   # optional; used by the `adaround` step (presets: "ptq"); defaults: the library's
+    iterations = 1000            # optimization steps per layer
+    calibration_images = 1024    # images AdaRound learns from, class-balanced from calibration_split
+                                 # (omit: the [data] calibration images)
+    reg_param = 0.01             # lambda, the rounding regularizer's weight
+    beta_range = [20.0, 2.0]     # beta's annealing, start -> end
+    warm_start = 0.2             # fraction of the iterations without the regularizer
+    seed = 0                     # the sampling seed: same seed, data and device -> the same rounding
+
     [report]
     range_layers = ["first_depthwise"]   # layers whose per-channel ranges are plotted (Fig. 2); qualified names allowed
 
 Every key is checked before any work starts; an error names the key and the allowed values. The hash covers what
 changes the numbers, as written in the file: checkpoint paths as written (so clones in different folders agree), and
-not `download`.
+not `download`; the [adaround] options only where a combination runs AdaRound (so configs without it hash as they did
+before the step existed).
 """
 from __future__ import annotations
 
@@ -42,6 +52,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from clebench.adaround import AdaroundError, AdaroundSettings
 from clebench.sweep import steps
 from clebench.errors import UserError
 from clebench.quant import QuantConfig
@@ -110,6 +121,31 @@ class ExecutionSpec:
     unit: str = "prefix"  # work-unit granularity (clebench.sweep.plan.GRANULARITIES)
 
 
+_ADAROUND_DEFAULTS = AdaroundSettings()
+
+
+@dataclass(frozen=True)
+class AdaroundSpec:
+    """The `adaround` step's options (defaults: AdaroundSettings'); calibration_images None: the [data] calibration
+    images."""
+
+    iterations: int = _ADAROUND_DEFAULTS.iterations
+    calibration_images: int | None = None
+    reg_param: float = _ADAROUND_DEFAULTS.reg_param
+    beta_range: tuple[float, float] = _ADAROUND_DEFAULTS.beta_range
+    warm_start: float = _ADAROUND_DEFAULTS.warm_start
+    seed: int = _ADAROUND_DEFAULTS.seed
+
+    def settings(self) -> AdaroundSettings:
+        return AdaroundSettings(iterations=self.iterations, reg_param=self.reg_param, beta_range=self.beta_range,
+                                warm_start=self.warm_start, seed=self.seed)
+
+    @property
+    def key(self) -> str:
+        """Identity of the options, for memo keys."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+
 @dataclass(frozen=True)
 class SweepConfig:
     models: tuple[ModelSpec, ...]
@@ -119,6 +155,11 @@ class SweepConfig:
     range_layers: tuple[str, ...] = (FIRST_DEPTHWISE,)
     execution: ExecutionSpec = ExecutionSpec()
     eval: EvalSpec = EvalSpec()
+    adaround: AdaroundSpec = AdaroundSpec()
+
+    @property
+    def uses_adaround(self) -> bool:
+        return any(steps.uses_adaround(combination) for combination in self.combinations)
 
     @property
     def combinations(self) -> list[steps.Combination]:
@@ -134,6 +175,8 @@ class SweepConfig:
         del plain["execution"]
         if self.eval == EvalSpec():
             del plain["eval"]  # the default: configs hash as they did before [eval] existed
+        if not self.uses_adaround:
+            del plain["adaround"]  # changes no number: configs hash as they did before the step existed
         return json.loads(json.dumps(plain))
 
     @property
@@ -170,12 +213,13 @@ class SweepConfig:
         return replace(self, data=replace(self.data, limit=_positive_int(limit, "data.limit", allow_none=True)))
 
 
-_TOP_KEYS = {"models", "steps", "quant", "data", "report", "execution", "eval"}
+_TOP_KEYS = {"models", "steps", "quant", "data", "report", "execution", "eval", "adaround"}
 _DATA_KEYS = {"dataset", "eval_split", "calibration_split", "limit", "calibration", "batch_size", "seed", "download"}
 _MODEL_KEYS = {"name", "checkpoint"}
 _REPORT_KEYS = {"range_layers"}
 _EXECUTION_KEYS = {"ray", "gpus_per_task", "unit"}
 _EVAL_KEYS = {"engine", "deploy"}
+_ADAROUND_KEYS = {f.name for f in fields(AdaroundSpec)}
 _UNITS = ("prefix", "model")
 
 
@@ -287,6 +331,27 @@ def _eval(table: Any) -> EvalSpec:
     return EvalSpec(engine, tuple(deploy))
 
 
+def _adaround(table: Any, data: DataSpec) -> AdaroundSpec:
+    if not isinstance(table, dict):
+        raise ConfigError("[adaround] must be a table")
+    _unknown(table, _ADAROUND_KEYS, "[adaround]")
+    options = dict(table)
+    images = _positive_int(options.pop("calibration_images", None), "adaround.calibration_images", allow_none=True)
+    if "beta_range" in options and isinstance(options["beta_range"], list):
+        options["beta_range"] = tuple(options["beta_range"])
+    for key, value in options.items():  # one key at a time, so that the error names it
+        try:
+            AdaroundSettings(**{key: value})
+        except AdaroundError as error:
+            raise ConfigError(f"adaround.{key}: {error}") from None
+    if "beta_range" in options:
+        options["beta_range"] = tuple(float(b) for b in options["beta_range"])
+    for key in ("reg_param", "warm_start"):
+        if key in options:
+            options[key] = float(options[key])
+    return AdaroundSpec(calibration_images=None if images == data.calibration else images, **options)
+
+
 def parse_config(raw: dict[str, Any], source: str = "config", base_dir: str | Path | None = None) -> SweepConfig:
     """Validate a parsed TOML document; errors name `source` and the key.
 
@@ -310,8 +375,9 @@ def parse_config(raw: dict[str, Any], source: str = "config", base_dir: str | Pa
         range_layers = _string_list(report.get("range_layers", [FIRST_DEPTHWISE]), "report.range_layers")
         models = _models(raw["models"], None if base_dir is None else Path(base_dir))
         execution = _execution(raw.get("execution", {}))
-        return SweepConfig(models, _data(raw.get("data")), step_spec, quant, range_layers, execution,
-                           _eval(raw.get("eval", {})))
+        data = _data(raw.get("data"))
+        return SweepConfig(models, data, step_spec, quant, range_layers, execution, _eval(raw.get("eval", {})),
+                           _adaround(raw.get("adaround", {}), data))
     except (ConfigError, steps.StepError, ValueError, TypeError) as error:
         raise ConfigError(f"{source}: {error}") from None
 

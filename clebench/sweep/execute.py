@@ -26,7 +26,6 @@ from clebench import cle_diagnostics, graph, ranges, sensitivity
 from clebench.data import datasets
 
 from clebench.sweep import steps
-from clebench.bias_correction import correct_bias
 from clebench.sweep.config import FIRST_DEPTHWISE, ModelSpec, SweepConfig
 from clebench.evaluation import agreement, evaluate
 from clebench.models import Preprocessing, load_model, model_preprocessing
@@ -62,6 +61,7 @@ class Work:
     fp32_evaluations: int = 0
     calibrations: int = 0
     quantized_evaluations: int = 0
+    adaround_runs: int = 0  # AdaRound optimizations (of every layer of a model) on one weight grid
 
     def add(self, other: Work) -> None:
         for item in fields(self):
@@ -144,6 +144,7 @@ class ModelInputs:
     eval_set: datasets.ImageSet
     calibration_set: datasets.ImageSet
     calibration_batches: list[tuple[torch.Tensor, torch.Tensor]]  # normalized once, reused by every quantized row
+    adaround_batches: list[tuple[torch.Tensor]]  # AdaRound's input batches (empty where no row runs AdaRound)
 
 
 class Resources:
@@ -172,7 +173,19 @@ class Resources:
         calibration_set = self._image_set(config.data.calibration_split, config.data.calibration, preprocessing)
         base = steps.PipelineState(graph.prepare_model(model).to(settings.device).eval())
         calibration_batches = list(datasets.batches(calibration_set, config.data.batch_size, preprocessing, settings.device))
-        return ModelInputs(base, preprocessing, eval_set, calibration_set, calibration_batches)
+        return ModelInputs(base, preprocessing, eval_set, calibration_set, calibration_batches,
+                           self._adaround_batches(calibration_batches, preprocessing))
+
+    def _adaround_batches(self, calibration: list, preprocessing: Preprocessing) -> list[tuple[torch.Tensor]]:
+        """AdaRound's images: [adaround] calibration_images from the calibration split, else the calibration set."""
+        config = self.settings.config
+        if not config.uses_adaround:
+            return []
+        images = config.adaround.calibration_images
+        if images is not None:
+            image_set = self._image_set(config.data.calibration_split, images, preprocessing)
+            calibration = datasets.batches(image_set, config.data.batch_size, preprocessing, self.settings.device)
+        return [(inputs,) for inputs, _ in calibration]
 
     def _image_set(self, split: str, limit: int | None, preprocessing: Preprocessing) -> datasets.ImageSet:
         key = (split, limit, preprocessing.resize, preprocessing.crop, preprocessing.interpolation)
@@ -250,10 +263,12 @@ class _UnitRun:
 
     def row(self, key: RowKey) -> None:
         started = time.perf_counter()
-        fp32_steps, correction = steps.split_combination(combination_of(key))
+        combination = combination_of(key)
+        fp32_steps, correction = steps.split_combination(combination)
         state, print_ = self.states[fp32_steps]
         fp32 = self._fp32_accuracy(state, print_)
-        quant = self._quantized_accuracy(state, print_, correction, QuantConfig.from_name(key.quant))
+        quant = self._quantized_accuracy(state, print_, correction, steps.uses_adaround(combination),
+                                         QuantConfig.from_name(key.quant))
         self.result.predictions[prediction_name(key, "fp32")] = fp32["predictions"].numpy()
         self.result.predictions[prediction_name(key, "quant")] = quant["predictions"].numpy()
         deployed = {}
@@ -286,9 +301,10 @@ class _UnitRun:
             self.result.work.fp32_evaluations += 1
         return accuracy
 
-    def _quantized_accuracy(self, state: steps.PipelineState, print_: str, correction: str | None,
+    def _quantized_accuracy(self, state: steps.PipelineState, print_: str, correction: str | None, adaround: bool,
                             quant: QuantConfig) -> dict:
-        memo_key = f"{print_}|{correction}|{quant.name}"
+        adaround_key = f"{self.settings.config.adaround.key}|" if adaround else ""
+        memo_key = f"{print_}|{adaround_key}{correction}|{quant.name}"
         accuracy = self.memo.get("quantized", memo_key)
         if accuracy is not None:
             return accuracy
@@ -307,18 +323,24 @@ class _UnitRun:
                        quant: QuantConfig) -> QuantSim:
         """The row's QuantSim: `state`'s model, bias-corrected if asked, with memoized activation ranges."""
         calibration = self.inputs.calibration_batches
-        model, model_print = state.model, print_
-        if correction is not None:
-            corrected = copy.deepcopy(state)
-            method = steps.BIAS_CORRECTION_STEPS[correction]
-            correct_bias(
-                corrected.model, quant, bn_map=corrected.bn_map, cls_set_infos=corrected.cls_infos, method=method,
-                batches=calibration if method == "empirical" else None, progress=self.settings.progress,
-            )
-            model, model_print = corrected.model, fingerprint(corrected.model)
-        sim = QuantSim(model, calibration[0][0][:1], quant)
+        rounding = self._adaround(state, print_, quant) if adaround else None
+        model = steps.quantized_model(state, quant, correction, rounding, calibration, self.settings.progress)
+        model_print = print_ if model is state.model else fingerprint(model)
+        sim = steps.quant_sim(model, calibration[0][0][:1], quant, rounding)
         sim.set_activation_ranges(self._activation_ranges(sim, model_print, quant))
         return sim
+
+    def _adaround(self, state: steps.PipelineState, print_: str, quant: QuantConfig) -> steps.Rounding:
+        """AdaRound's rounding of the FP32 state on quant's weight grids: once per (model, weight grid, options)."""
+        options = self.settings.config.adaround
+        memo_key = f"{print_}|{steps.weight_grid(quant)}|{options.key}"
+        rounding = self.memo.get("adaround", memo_key)
+        if rounding is None:
+            rounding = steps.adaround_rounding(state.model, quant, self.inputs.adaround_batches, options.settings(),
+                                               progress=self.settings.progress)
+            self.memo.put("adaround", memo_key, rounding)
+            self.result.work.adaround_runs += 1
+        return rounding
 
     def _evaluate_sim(self, sim: QuantSim, engine: str, desc: str) -> dict:
         """The simulation on torch, or exported and run by a runtime (engine of clebench.runtimes.engines.ENGINES)."""

@@ -1,16 +1,14 @@
 """One sweep row's model, built outside a sweep: a zoo model after a step combination, as a calibrated QuantSim."""
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from clebench import graph
 
+from clebench.adaround import AdaroundSettings
 from clebench.sweep import steps
-from clebench.bias_correction import correct_bias
 from clebench.models import load_model
 from clebench.quant import QuantConfig, QuantSim
 
@@ -27,18 +25,18 @@ def prepare_fp32(model_name: str, combination: str, *, models_dir: str | None = 
 
 
 def calibrated_sim(state: steps.PipelineState, combination: str, quant: QuantConfig | str,
-                   calibration: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> QuantSim:
-    """A QuantSim of `state`'s model under `quant`, bias-corrected if `combination` asks, calibrated on the
-    (inputs, labels) batches `calibration` (also the empirical bias correction's data)."""
+                   calibration: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                   adaround: AdaroundSettings = AdaroundSettings()) -> QuantSim:
+    """A QuantSim of `state`'s model under `quant`, AdaRounded and bias-corrected if `combination` asks (as the sweep
+    does), calibrated on the (inputs, labels) batches `calibration` (also AdaRound's and the empirical bias
+    correction's data)."""
     quant = QuantConfig.from_name(quant) if isinstance(quant, str) else quant
-    correction = steps.split_combination(steps.parse_combination(combination))[1]
-    model: nn.Module = state.model
-    if correction is not None:
-        corrected = copy.deepcopy(state)
-        method = steps.BIAS_CORRECTION_STEPS[correction]
-        correct_bias(corrected.model, quant, bn_map=corrected.bn_map, cls_set_infos=corrected.cls_infos, method=method,
-                     batches=calibration if method == "empirical" else None)
-        model = corrected.model
-    sim = QuantSim(model, calibration[0][0][:1], quant)
+    parsed = steps.parse_combination(combination)
+    correction = steps.split_combination(parsed)[1]
+    rounding = None
+    if steps.uses_adaround(parsed):
+        rounding = steps.adaround_rounding(state.model, quant, [(inputs,) for inputs, _ in calibration], adaround)
+    model = steps.quantized_model(state, quant, correction, rounding, calibration)
+    sim = steps.quant_sim(model, calibration[0][0][:1], quant, rounding)
     sim.calibrate(calibration, progress=False)
     return sim

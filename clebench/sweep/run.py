@@ -60,7 +60,7 @@ class SweepOutcome:
 def check_models(config: SweepConfig, models_dir: str | Path | None) -> tuple[dict[str, nn.Module], dict[str, list[steps.Combination]]]:
     """Load every model and check it against the data and the steps, before any evaluation.
 
-    Returns the loaded models and, per model, the step combinations it runs: the `all` preset skips the impossible
+    Returns the loaded models and, per model, the step combinations it runs: the `all` and `ptq` presets skip the impossible
     ones, an explicit list raises.
     """
     wanted = LABEL_SPACES[config.data.dataset]
@@ -77,7 +77,7 @@ def check_models(config: SweepConfig, models_dir: str | Path | None) -> tuple[di
             try:
                 steps.check_for_model(combination, loaded[spec.name], spec.name)
             except steps.StepError:
-                if config.steps != "all":
+                if config.steps not in steps.SKIPPING_PRESETS:
                     raise
                 continue
             usable[spec.name].append(combination)

@@ -1,21 +1,29 @@
 """The sweep's named, composable equalization steps, their dependency rules and presets.
 
 A step combination is a tuple of step names in pipeline order, e.g. ("bn_fold", "relu6_to_relu", "cls", "hbf").
-FP32 steps transform the model once per combination prefix; bias-correction steps depend on the quantization grid,
-so they run per quantization setting, right before quantization.
+FP32 steps transform the model once per combination prefix; `adaround` and the bias-correction steps depend on the
+quantization grid, so they run per quantization setting, right before quantization, in that order: AdaRound learns
+the rounding of the FP32 weights (their encodings frozen in the QuantSim), then bias correction removes the expected
+output error that the rounded weights leave (E[(W_rounded - W) x], instead of the nearest rounding's).
 """
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from clebench import graph, ops, utils
+from clebench.adaround import AdaroundSettings, apply_adaround_to_model
+from clebench.bias_correction import correct_bias
 from clebench.errors import UserError
 from clebench.batch_norm_fold import backward_fold_map, fold_all_batch_norms
 from clebench.cross_layer_equalization import ClsSetInfo, CrossLayerScaling, HighBiasFold
+from clebench.quant import QuantConfig, QuantSim
+from clebench.quant.encoding import Encoding
 
 STEP_ORDER = (
     "bn_fold",
@@ -24,12 +32,14 @@ STEP_ORDER = (
     "cls_relu6_keep",
     "cls_relu6_clip",
     "hbf",
+    "adaround",
     "bias_correction",
     "bias_correction_empirical",
 )
 CLS_STEPS = {"cls": "keep", "cls_relu6_keep": "keep", "cls_relu6_clip": "clip"}  # step -> ReLU6 policy of scale_model
 BIAS_CORRECTION_STEPS = {"bias_correction": "analytical", "bias_correction_empirical": "empirical"}
-FP32_STEPS = tuple(s for s in STEP_ORDER if s not in BIAS_CORRECTION_STEPS)
+ADAROUND = "adaround"
+FP32_STEPS = tuple(s for s in STEP_ORDER if s not in BIAS_CORRECTION_STEPS and s != ADAROUND)
 NO_STEPS = "none"
 
 Combination = tuple[str, ...]
@@ -132,11 +142,76 @@ def split_combination(combination: Combination) -> tuple[Combination, str | None
     return fp32, correction
 
 
+def uses_adaround(combination: Combination) -> bool:
+    return ADAROUND in combination
+
+
+# -- the steps that run per quantization setting ------------------------------------------------------------------
+# A rounding is plain data (tensors, numbers, dicts), so the sweep's on-disk memo stores it:
+#     {"weights": {"<layer>.weight": rounded weight}, "encodings": {"<layer>.weight": encoding_state(Encoding)}}
+Rounding = dict[str, dict]
+
+
+def weight_grid(quant: QuantConfig) -> str:
+    """What of a quantization setting decides the weight grids (and so AdaRound's result)."""
+    return (f"w{quant.weight_bits}|per_channel={quant.per_channel}|symmetric={quant.weight_symmetric}|"
+            f"aimet_rules={quant.aimet_rules}")
+
+
+def encoding_state(encoding: Encoding) -> dict:
+    return {"scale": encoding.scale, "zero_point": encoding.zero_point, "bits": encoding.bits,
+            "symmetric": encoding.symmetric, "axis": encoding.axis}
+
+
+def adaround_rounding(model: nn.Module, quant: QuantConfig, batches: Sequence[tuple[torch.Tensor, ...]],
+                      settings: AdaroundSettings, progress: bool = False) -> Rounding:
+    """AdaRound every conv / linear weight of `model` (not modified) on `quant`'s weight grids (activations float,
+    as AIMET); batches: model input tuples (dim 0: samples)."""
+    rounded, encodings = apply_adaround_to_model(model, quant, batches, settings, progress=progress)
+    parameters = dict(rounded.named_parameters())
+    return {"weights": {name: parameters[name].detach().clone() for name in encodings},
+            "encodings": {name: encoding_state(encoding) for name, encoding in encodings.items()}}
+
+
+def quantized_model(state: PipelineState, quant: QuantConfig, correction: str | None, rounding: Rounding | None,
+                    calibration: Sequence[tuple[torch.Tensor, torch.Tensor]], progress: bool = False) -> nn.Module:
+    """The model to quantize: `state`'s (not modified), bias-corrected for `quant` if `correction` names a method,
+    with AdaRound's weights if `rounding` is given. With both, the correction removes the expected output error of the
+    rounded weights (the bias is corrected on the FP32 weights, then the rounded weights replace them).
+    calibration: (inputs, labels) batches, the empirical correction's data."""
+    if correction is None and rounding is None:
+        return state.model
+    result = copy.deepcopy(state)
+    weights = None if rounding is None else rounding["weights"]
+    if correction is not None:
+        method = BIAS_CORRECTION_STEPS[correction]
+        correct_bias(result.model, quant, bn_map=result.bn_map, cls_set_infos=result.cls_infos, method=method,
+                     batches=calibration if method == "empirical" else None, progress=progress,
+                     quantized_weights=weights)
+    if weights is not None:
+        parameters = dict(graph.unwrap(result.model).named_parameters())
+        with torch.no_grad():
+            for name, weight in weights.items():
+                parameters[name].copy_(weight)
+    return result.model
+
+
+def quant_sim(model: nn.Module, dummy_input: torch.Tensor, quant: QuantConfig, rounding: Rounding | None) -> QuantSim:
+    """An uncalibrated QuantSim of `model`; with a rounding, AdaRound's weight encodings are frozen in it, so the
+    sim's weights are the rounded weights exactly (their own min/max range could be narrower than the grid)."""
+    sim = QuantSim(model, dummy_input, quant)
+    if rounding is not None:
+        sim.freeze_param_encodings({name: Encoding(**state) for name, state in rounding["encodings"].items()})
+    return sim
+
+
 def all_combinations() -> list[Combination]:
-    """Every valid combination, in pipeline order (the `all` preset)."""
+    """Every valid combination of the equalization steps, in pipeline order (the `all` preset). AdaRound, which
+    learns for minutes per row, is left out: the `ptq` preset and explicit lists run it."""
     valid = []
-    for mask in itertools.product((False, True), repeat=len(STEP_ORDER)):
-        combination = tuple(step for step, keep in zip(STEP_ORDER, mask) if keep)
+    equalization = tuple(step for step in STEP_ORDER if step != ADAROUND)
+    for mask in itertools.product((False, True), repeat=len(equalization)):
+        combination = tuple(step for step, keep in zip(equalization, mask) if keep)
         try:
             validate(combination)
         except StepError:
@@ -157,7 +232,21 @@ PRESETS: dict[str, list[str]] = {
         "bn_fold+cls_relu6_clip+hbf",
         "bn_fold+cls_relu6_clip+hbf+bias_correction",
     ],
+    # The post-training-quantization ladder: BN fold; + CLS + HBF; + bias correction; + AdaRound; AdaRound without
+    # CLE. A network runs the CLS variant that fits it (plain cls where it has no ReLU6, else the exact ReLU6 clip;
+    # on a network without ReLU6 both build the same model and share every evaluation).
+    "ptq": [
+        "bn_fold",
+        "bn_fold+cls+hbf",
+        "bn_fold+cls+hbf+bias_correction",
+        "bn_fold+cls+hbf+adaround",
+        "bn_fold+cls_relu6_clip+hbf",
+        "bn_fold+cls_relu6_clip+hbf+bias_correction",
+        "bn_fold+cls_relu6_clip+hbf+adaround",
+        "bn_fold+adaround",
+    ],
 }
+SKIPPING_PRESETS = ("all", "ptq")  # presets whose combinations a model cannot run are skipped, not an error
 
 
 def preset(name: str) -> list[Combination]:
