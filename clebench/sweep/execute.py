@@ -308,7 +308,7 @@ class _UnitRun:
         accuracy = self.memo.get("quantized", memo_key)
         if accuracy is not None:
             return accuracy
-        sim = self.calibrated_sim(state, print_, correction, quant)
+        sim = self.calibrated_sim(state, print_, correction, quant, adaround)
         desc = f"{self.result.unit.model.name} {quant.name}"
         engine = self.settings.config.eval.engine
         accuracy = self._evaluate_sim(sim, "torch" if engine == "torch" else f"{engine}-sim", desc)
@@ -320,8 +320,9 @@ class _UnitRun:
         return accuracy
 
     def calibrated_sim(self, state: steps.PipelineState, print_: str, correction: str | None,
-                       quant: QuantConfig) -> QuantSim:
-        """The row's QuantSim: `state`'s model, bias-corrected if asked, with memoized activation ranges."""
+                       quant: QuantConfig, adaround: bool = False) -> QuantSim:
+        """The row's QuantSim: `state`'s model, AdaRounded and bias-corrected if asked, with memoized activation
+        ranges."""
         calibration = self.inputs.calibration_batches
         rounding = self._adaround(state, print_, quant) if adaround else None
         model = steps.quantized_model(state, quant, correction, rounding, calibration, self.settings.progress)
@@ -399,7 +400,8 @@ def row_sensitivity(key: RowKey, settings: Settings, resources: Resources, memo:
         for prefix in unit.prefixes:
             run.build(prefix)
         state, print_ = run.states[fp32_steps]
-        sim = run.calibrated_sim(state, print_, correction, QuantConfig.from_name(key.quant))
+        sim = run.calibrated_sim(state, print_, correction, QuantConfig.from_name(key.quant),
+                                 steps.uses_adaround(combination_of(key)))
         inputs = run.inputs
         batches = list(datasets.batches(inputs.eval_set, settings.config.data.batch_size, inputs.preprocessing,
                                         run.device))
