@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 import torch
@@ -28,7 +29,7 @@ def main() -> None:
         names = select(args.models)
     except UserError as error:
         raise SystemExit(str(error)) from None
-    command = "python " + " ".join(sys.argv)
+    command = shlex.join(["python", *sys.argv])  # quoted: a --models regex may hold shell characters
     results = []
     for i, name in enumerate(names, 1):
         result = check_model(name)
