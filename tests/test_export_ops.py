@@ -204,3 +204,17 @@ def test_16_bit_grids_move_the_graph_to_opset_21_with_reductions_taking_axes_as_
     (reduce,) = [node for node in model.graph.node if node.op_type == "ReduceMean"]
     assert len(reduce.input) == 2 and not reduce.attribute[0].name == "axes"
     assert torch.equal(actual, expected)
+
+
+def test_a_zero_scale_grid_exports_its_zero_point_without_invalid_casts(tmp_path):
+    model = Fn(lambda m, x: x)
+    with torch.no_grad():
+        model.conv.weight[1].zero_()  # a dead channel: its per-channel weight scale is 0
+    sim = QuantSim(model.eval(), INPUT, QuantConfig(per_channel=True, int32_bias=True))
+    sim.set_activation_ranges({name: GRID for name in sim.quantizer_names() if not name.endswith((".weight", ".bias"))})
+    with np.errstate(invalid="raise"):
+        path = export_onnx(sim, INPUT, tmp_path / "m.onnx")
+    weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}["conv.weight"]
+    assert (weights[1] == 0).all()
+    actual, expected = run_both(sim, tmp_path)
+    assert torch.equal(actual, expected)

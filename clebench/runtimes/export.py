@@ -145,8 +145,9 @@ class _Builder:
         if axis is not None:
             shape[axis] = -1
         scale, zero_point = encoding.scale.view(shape), encoding.zero_point.view(shape)
-        integers = (torch.round(values.detach().float().cpu() / scale) + zero_point).clamp(encoding.quant_min,
-                                                                                           encoding.quant_max)
+        live = scale > 0  # a zero-scale grid (an all-zero channel, a bias on a constant input) holds only zero
+        integers = (torch.round(values.detach().float().cpu() / torch.where(live, scale, 1.0)) + zero_point)
+        integers = torch.where(live, integers, zero_point.float()).clamp(encoding.quant_min, encoding.quant_max)
         dtype = np.int32 if encoding.bits == 32 else _container(encoding.bits, encoding.symmetric)
         data = self.constant(base, integers.numpy().astype(dtype))
         scale, zero_point = _grid(encoding, dtype, per_channel=axis is not None)
