@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torch.overrides import TorchFunctionMode

@@ -21,7 +21,6 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from tqdm import tqdm

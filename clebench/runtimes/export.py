@@ -241,10 +241,6 @@ def _probe(gm: fx.GraphModule, dummy: tuple[torch.Tensor, ...]) -> tuple[dict, d
     return results[0], results[1]
 
 
-ELEMENTWISE_ONNX = {"sigmoid": "Sigmoid", "tanh": "Tanh", "hardswish": "HardSwish"}
-BINARY_ONNX = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "matmul": "MatMul"}
-
-
 class _Exporter:
     """Walks the sim's fx graph and writes the matching ONNX nodes, one handler per op of clebench.ops."""
 
@@ -735,12 +731,11 @@ class _Exporter:
                 for i, name in enumerate(names)]
 
     def lower_chunk(self, node: fx.Node) -> list[_Value]:
+        """chunk / split: the part sizes the probe run produced, along `dim`."""
         axis = self.arg(node, 2, "dim", 0)
         return self.split_into(node, [int(t.shape[axis]) for t in self.first[node]], axis)
 
-    def lower_split(self, node: fx.Node) -> list[_Value]:
-        axis = self.arg(node, 2, "dim", 0)
-        return self.split_into(node, [int(t.shape[axis]) for t in self.first[node]], axis)
+    lower_split = lower_chunk
 
     def lower_unbind(self, node: fx.Node) -> list[_Value]:
         axis = self.arg(node, 1, "dim", 0)
