@@ -34,13 +34,19 @@
     warm_start = 0.2             # fraction of the iterations without the regularizer
     seed = 0                     # the sampling seed: same seed, data and device -> the same rounding
 
+    [sensitivity]                # optional; per-layer quantization sensitivity (clebench.sensitivity) of some rows
+    images = 500                 # class-balanced evaluation images it ranks on (its cost scales with this)
+    rows = [ { model = "mobilenet_v2_cifar10", steps = "bn_fold", quant = "w4a8_per_tensor_minmax" } ]
+                                 # each a row of this sweep; written to sensitivity.csv / sensitivity.json
+
     [report]
     range_layers = ["first_depthwise"]   # layers whose per-channel ranges are plotted (Fig. 2); qualified names allowed
 
 Every key is checked before any work starts; an error names the key and the allowed values. The hash covers what
 changes the numbers, as written in the file: checkpoint paths as written (so clones in different folders agree), and
 not `download`; the [adaround] options only where a combination runs AdaRound (so configs without it hash as they did
-before the step existed).
+before the step existed); not [sensitivity], which adds sensitivity.csv and changes no number of the sweep's rows (so
+it can be added to a finished sweep, whose folder it then shares; each measured row records its images).
 """
 from __future__ import annotations
 
@@ -146,6 +152,27 @@ class AdaroundSpec:
         return json.dumps(asdict(self), sort_keys=True)
 
 
+DEFAULT_SENSITIVITY_IMAGES = 500
+
+
+@dataclass(frozen=True)
+class SensitivityRow:
+    """A sweep row whose per-layer sensitivity is measured; steps and quant as the results table names them."""
+
+    model: str
+    steps: str
+    quant: str
+
+
+@dataclass(frozen=True)
+class SensitivitySpec:
+    """The [sensitivity] table: the rows whose per-layer sensitivity the sweep measures, on `images` class-balanced
+    evaluation images."""
+
+    images: int = DEFAULT_SENSITIVITY_IMAGES
+    rows: tuple[SensitivityRow, ...] = ()
+
+
 @dataclass(frozen=True)
 class SweepConfig:
     models: tuple[ModelSpec, ...]
@@ -156,6 +183,7 @@ class SweepConfig:
     execution: ExecutionSpec = ExecutionSpec()
     eval: EvalSpec = EvalSpec()
     adaround: AdaroundSpec = AdaroundSpec()
+    sensitivity: SensitivitySpec = SensitivitySpec()
 
     @property
     def uses_adaround(self) -> bool:
@@ -170,9 +198,10 @@ class SweepConfig:
         return [QuantConfig.from_name(name) for name in self.quant]
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (JSON-serialisable): what baselines store and the hash covers (not `execution`)."""
+        """Plain data (JSON-serialisable): what baselines store and the hash covers (not `execution`, not
+        `sensitivity`: neither changes a number of the sweep's rows)."""
         plain = {**asdict(self), "models": [spec.to_dict() for spec in self.models], "data": self.data.to_dict()}
-        del plain["execution"]
+        del plain["execution"], plain["sensitivity"]
         if self.eval == EvalSpec():
             del plain["eval"]  # the default: configs hash as they did before [eval] existed
         if not self.uses_adaround:
@@ -190,7 +219,9 @@ class SweepConfig:
         unknown = [name for name in names if name not in known]
         if unknown:
             raise ConfigError(f"--models {', '.join(unknown)}: not in the config's models ({', '.join(known)})")
-        return replace(self, models=tuple(spec for spec in self.models if spec.name in names))
+        rows = tuple(row for row in self.sensitivity.rows if row.model in names)
+        return replace(self, models=tuple(spec for spec in self.models if spec.name in names),
+                       sensitivity=replace(self.sensitivity, rows=rows))
 
     def with_execution(self, **changes: Any) -> SweepConfig:
         """The same sweep run elsewhere (e.g. ray="auto"); None values leave a setting as it is."""
@@ -213,13 +244,15 @@ class SweepConfig:
         return replace(self, data=replace(self.data, limit=_positive_int(limit, "data.limit", allow_none=True)))
 
 
-_TOP_KEYS = {"models", "steps", "quant", "data", "report", "execution", "eval", "adaround"}
+_TOP_KEYS = {"models", "steps", "quant", "data", "report", "execution", "eval", "adaround", "sensitivity"}
 _DATA_KEYS = {"dataset", "eval_split", "calibration_split", "limit", "calibration", "batch_size", "seed", "download"}
 _MODEL_KEYS = {"name", "checkpoint"}
 _REPORT_KEYS = {"range_layers"}
 _EXECUTION_KEYS = {"ray", "gpus_per_task", "unit"}
 _EVAL_KEYS = {"engine", "deploy"}
 _ADAROUND_KEYS = {f.name for f in fields(AdaroundSpec)}
+_SENSITIVITY_KEYS = {f.name for f in fields(SensitivitySpec)}
+_SENSITIVITY_ROW_KEYS = {f.name for f in fields(SensitivityRow)}
 _UNITS = ("prefix", "model")
 
 
@@ -352,6 +385,49 @@ def _adaround(table: Any, data: DataSpec) -> AdaroundSpec:
     return AdaroundSpec(calibration_images=None if images == data.calibration else images, **options)
 
 
+def _sensitivity(table: Any, config: SweepConfig) -> SensitivitySpec:
+    """The [sensitivity] table; each row must be one of `config`'s rows (a model, a combination, a setting of it)."""
+    if not isinstance(table, dict):
+        raise ConfigError("[sensitivity] must be a table")
+    _unknown(table, _SENSITIVITY_KEYS, "[sensitivity]")
+    images = _positive_int(table.get("images", DEFAULT_SENSITIVITY_IMAGES), "sensitivity.images")
+    entries = table.get("rows", [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"sensitivity.rows must be a list of {{ model = ..., steps = ..., quant = ... }} tables, got {entries!r}")
+    rows = tuple(_sensitivity_row(entry, f"sensitivity.rows[{index}]", config) for index, entry in enumerate(entries))
+    if len(set(rows)) != len(rows):
+        raise ConfigError("sensitivity.rows lists a row twice")
+    return SensitivitySpec(images, rows)
+
+
+def _sensitivity_row(entry: Any, where: str, config: SweepConfig) -> SensitivityRow:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where} must be a table {{ model = ..., steps = ..., quant = ... }}, got {entry!r}")
+    _unknown(entry, _SENSITIVITY_ROW_KEYS, where)
+    for key in sorted(_SENSITIVITY_ROW_KEYS):
+        if not isinstance(entry.get(key), str):
+            raise ConfigError(f"{where}.{key} must be a string, got {entry.get(key)!r}")
+    models = [spec.name for spec in config.models]
+    if entry["model"] not in models:
+        raise ConfigError(f"{where}.model {entry['model']!r} is not one of the sweep's models ({', '.join(models)})")
+    try:
+        combination = steps.parse_combination(entry["steps"])
+    except steps.StepError as error:
+        raise ConfigError(f"{where}.steps: {error}") from None
+    if combination not in config.combinations:
+        combinations = [steps.combination_name(c) for c in config.combinations]
+        raise ConfigError(f"{where}.steps {entry['steps']!r} is not one of the sweep's step combinations "
+                          f"({', '.join(combinations)})")
+    try:
+        quant = QuantConfig.from_name(entry["quant"]).name
+    except ValueError as error:
+        raise ConfigError(f"{where}.quant: {error}") from None
+    settings = [setting.name for setting in config.quant_configs]
+    if quant not in settings:
+        raise ConfigError(f"{where}.quant {entry['quant']!r} is not one of the sweep's quant settings ({', '.join(settings)})")
+    return SensitivityRow(entry["model"], steps.combination_name(combination), quant)
+
+
 def parse_config(raw: dict[str, Any], source: str = "config", base_dir: str | Path | None = None) -> SweepConfig:
     """Validate a parsed TOML document; errors name `source` and the key.
 
@@ -376,8 +452,9 @@ def parse_config(raw: dict[str, Any], source: str = "config", base_dir: str | Pa
         models = _models(raw["models"], None if base_dir is None else Path(base_dir))
         execution = _execution(raw.get("execution", {}))
         data = _data(raw.get("data"))
-        return SweepConfig(models, data, step_spec, quant, range_layers, execution, _eval(raw.get("eval", {})),
-                           _adaround(raw.get("adaround", {}), data))
+        config = SweepConfig(models, data, step_spec, quant, range_layers, execution, _eval(raw.get("eval", {})),
+                             _adaround(raw.get("adaround", {}), data))
+        return replace(config, sensitivity=_sensitivity(raw.get("sensitivity", {}), config))
     except (ConfigError, steps.StepError, ValueError, TypeError) as error:
         raise ConfigError(f"{source}: {error}") from None
 
