@@ -174,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     sensitivity.add_argument("--model", help="one of the config's models (default: its only model)")
     sensitivity.add_argument("--steps", required=True, help="step combination, e.g. bn_fold or bn_fold+cls_relu6_clip+hbf")
     sensitivity.add_argument("--quant", required=True, help="quantization setting, e.g. w4a8_per_tensor_minmax")
-    sensitivity.add_argument("--images", type=positive_int, default=500,
-                             help="class-balanced evaluation images; the cost is ~4 passes over them per layer (default: 500)")
+    sensitivity.add_argument("--images", type=positive_int,
+                             help="class-balanced evaluation images; the cost is ~4 passes over them per layer "
+                             "(default: CONFIG's [sensitivity] images, else 500)")
     sensitivity.add_argument("--out", type=Path, required=True, help="folder to write sensitivity.csv into (e.g. a sweep's)")
     sensitivity.add_argument("--data-root", help="folder holding the data sets (default: $CLEBENCH_DATA)")
     sensitivity.add_argument("--models-dir", help="folder holding <model>.pt checkpoints (default: $CLEBENCH_MODELS)")
@@ -250,11 +251,12 @@ def run_sensitivity(args: argparse.Namespace) -> int:
     if args.model is None and len(names) > 1:
         raise ValueError(f"{args.config} has several models ({', '.join(names)}): choose one with --model")
     command = "clebench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    images = args.images or config.sensitivity.images
     started = time.perf_counter()
-    table = run_row_sensitivity(config.with_models([args.model or names[0]]).with_limit(args.images), args.steps,
-                                args.quant, args.out, data_root=args.data_root, models_dir=args.models_dir,
+    table = run_row_sensitivity(config.with_models([args.model or names[0]]), args.steps, args.quant, args.out,
+                                images=images, data_root=args.data_root, models_dir=args.models_dir,
                                 device=args.device, progress=not args.no_progress, command=command)
-    print(f"{args.out / 'sensitivity.csv'}: {len(table) - 2} units ranked on {args.images} images "
+    print(f"{args.out / 'sensitivity.csv'}: {len(table) - 2} units ranked on {images} images "
           f"({time.perf_counter() - started:.0f} s)")
     print(table.head(10).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print(table.tail(2).to_string(index=False, float_format=lambda v: f"{v:.2f}"))

@@ -112,20 +112,19 @@ def test_a_second_row_keeps_the_first_rows_and_a_rerun_replaces_its_own(tmp_path
 
     from clebench.sweep import results
     from clebench.sweep.results import RowKey
-    from clebench.sweep.sensitivity import SENSITIVITY_META_FILE, _write
 
     def table(key: RowKey, units: list[str]) -> pd.DataFrame:
         return pd.DataFrame({"unit": units, "rank": range(1, len(units) + 1)}).assign(
             model=key.model, steps=key.steps, quant=key.quant).reindex(columns=results.SENSITIVITY_COLUMNS)
 
     first, second = RowKey("m", "cifar10", "bn_fold", "w4a8_per_tensor_minmax"), RowKey("m", "cifar10", "bn_fold", "w8a8_per_tensor_minmax")
-    _write(tmp_path, first, table(first, ["a", "b"]), {"seconds": 1})
-    _write(tmp_path, second, table(second, ["c"]), {"seconds": 2})
-    _write(tmp_path, first, table(first, ["d"]), {"seconds": 3})
+    results.write_sensitivity(tmp_path, first, table(first, ["a", "b"]), {"seconds": 1})
+    results.write_sensitivity(tmp_path, second, table(second, ["c"]), {"seconds": 2})
+    results.write_sensitivity(tmp_path, first, table(first, ["d"]), {"seconds": 3})
     written = pd.read_csv(tmp_path / results.SENSITIVITY_FILE)
     assert list(written.columns) == results.SENSITIVITY_COLUMNS
     assert list(zip(written["quant"], written["unit"])) == [(second.quant, "c"), (first.quant, "d")]
-    meta = results.read_json(tmp_path / SENSITIVITY_META_FILE)
+    meta = results.read_json(tmp_path / results.SENSITIVITY_META_FILE)
     assert {k: v["seconds"] for k, v in meta.items()} == {"|".join(first): 3, "|".join(second): 2}
 
 

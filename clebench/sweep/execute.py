@@ -1,4 +1,5 @@
-"""Execute one work unit of a sweep: build its FP32 prefixes, evaluate its rows, return rows and range statistics.
+"""Execute one work unit of a sweep: build its FP32 prefixes, evaluate its rows, measure the per-layer sensitivity
+of its sensitivity rows; return rows, sensitivity tables and range statistics.
 
 `execute_unit` writes no results file, so it runs the same in the driver's process or as a Ray task. What it reads
 (checkpoints, images) is cached per process in `Resources`; work that several units may need (the FP32 accuracy of a
@@ -14,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -62,18 +63,29 @@ class Work:
     calibrations: int = 0
     quantized_evaluations: int = 0
     adaround_runs: int = 0  # AdaRound optimizations (of every layer of a model) on one weight grid
+    sensitivity_rows: int = 0  # rows whose per-layer sensitivity was measured
 
     def add(self, other: Work) -> None:
         for item in fields(self):
             setattr(self, item.name, getattr(self, item.name) + getattr(other, item.name))
 
 
+class Sensitivity(NamedTuple):
+    """A row's per-layer sensitivity (SENSITIVITY_COLUMNS) and what sensitivity.json records of its measurement
+    (besides the run's metadata)."""
+
+    table: pd.DataFrame
+    measurement: dict
+
+
 @dataclass
 class UnitResult:
-    """What a unit produced: results rows, per-layer and per-channel range tables, per-image predictions."""
+    """What a unit produced: results rows, sensitivity tables, per-layer and per-channel range tables, per-image
+    predictions."""
 
     unit: WorkUnit
     rows: dict[RowKey, dict] = field(default_factory=dict)
+    sensitivity: dict[RowKey, Sensitivity] = field(default_factory=dict)
     layer_ranges: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)  # (model, steps) -> rows
     channel_ranges: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)
     cle_sets: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)  # prefixes that scale only
@@ -187,6 +199,10 @@ class Resources:
             calibration = datasets.batches(image_set, config.data.batch_size, preprocessing, self.settings.device)
         return [(inputs,) for inputs, _ in calibration]
 
+    def evaluation_images(self, spec: ModelSpec, limit: int) -> datasets.ImageSet:
+        """`limit` class-balanced images of the evaluation split, prepared for `spec`'s model."""
+        return self._image_set(self.settings.config.data.eval_split, limit, self.inputs(spec).preprocessing)
+
     def _image_set(self, split: str, limit: int | None, preprocessing: Preprocessing) -> datasets.ImageSet:
         key = (split, limit, preprocessing.resize, preprocessing.crop, preprocessing.interpolation)
         if key not in self._images:
@@ -201,7 +217,8 @@ class Resources:
 
 
 def execute_unit(unit: WorkUnit, settings: Settings, resources: Resources, memo: Memo) -> UnitResult:
-    """Compute every row of `unit` and the range statistics of the FP32 prefixes it builds."""
+    """Compute every row of `unit`, the range statistics of the FP32 prefixes it builds and the sensitivity of its
+    sensitivity rows (on config.sensitivity.images evaluation images)."""
     torch.manual_seed(0)
     with fp32_precision():
         run = _UnitRun(unit, settings, resources.inputs(unit.model), memo)
@@ -209,6 +226,8 @@ def execute_unit(unit: WorkUnit, settings: Settings, resources: Resources, memo:
             run.build(prefix)
         for key in unit.rows:
             run.row(key)
+        for key in unit.sensitivity:
+            run.sensitivity(key, resources.evaluation_images(unit.model, settings.config.sensitivity.images))
     return run.result
 
 
@@ -287,6 +306,27 @@ class _UnitRun:
             "seconds": time.perf_counter() - started, "config_hash": self.settings.config.hash, **deployed,
         }
         self.result.work.rows += 1
+
+    def sensitivity(self, key: RowKey, images: datasets.ImageSet) -> None:
+        """clebench.sensitivity's table of row `key` on `images`, from the row's QuantSim (memoized activation
+        ranges), with its timing: wall and CPU seconds (all threads; the steadier figure on a shared machine)."""
+        started, cpu_started = time.perf_counter(), time.process_time()
+        combination = combination_of(key)
+        fp32_steps, correction = steps.split_combination(combination)
+        state, print_ = self.states[fp32_steps]
+        sim = self.calibrated_sim(state, print_, correction, QuantConfig.from_name(key.quant),
+                                  steps.uses_adaround(combination))
+        config = self.settings.config
+        batches = list(datasets.batches(images, config.data.batch_size, self.inputs.preprocessing, self.device))
+        table = sensitivity.sensitivity(sim, batches, progress=self.settings.progress)
+        table = table.assign(model=key.model, steps=key.steps, quant=key.quant)[SENSITIVITY_COLUMNS]
+        measurement = {
+            "seconds": round(time.perf_counter() - started, 1), "cpu_seconds": round(time.process_time() - cpu_started, 1),
+            "images": len(images.labels), "images_requested": config.sensitivity.images,
+            "calibration_images": len(self.inputs.calibration_set.labels), "peak_memory_mib": peak_memory_mib(),
+        }
+        self.result.sensitivity[key] = Sensitivity(table, measurement)
+        self.result.work.sensitivity_rows += 1
 
     def _evaluate(self, model: nn.Module, desc: str) -> dict:
         batches = datasets.batches(self.inputs.eval_set, self.settings.config.data.batch_size, self.inputs.preprocessing,
@@ -386,27 +426,6 @@ class _UnitRun:
             self.memo.put("activation_ranges", memo_key, observed)
             self.result.work.calibrations += 1
         return observed
-
-
-def row_sensitivity(key: RowKey, settings: Settings, resources: Resources, memo: Memo) -> pd.DataFrame:
-    """clebench.sensitivity's table of the sweep row `key` on the config's evaluation images (data.limit of them,
-    class-balanced), with the sweep's FP32 prefixes and memoized activation ranges; SENSITIVITY_COLUMNS."""
-    spec = next(spec for spec in settings.config.models if spec.name == key.model)
-    fp32_steps, correction = steps.split_combination(combination_of(key))
-    unit = WorkUnit(spec, (key,), tuple(fp32_steps[:i] for i in range(len(fp32_steps) + 1)))
-    torch.manual_seed(0)
-    with fp32_precision():
-        run = _UnitRun(unit, settings, resources.inputs(spec), memo)
-        for prefix in unit.prefixes:
-            run.build(prefix)
-        state, print_ = run.states[fp32_steps]
-        sim = run.calibrated_sim(state, print_, correction, QuantConfig.from_name(key.quant),
-                                 steps.uses_adaround(combination_of(key)))
-        inputs = run.inputs
-        batches = list(datasets.batches(inputs.eval_set, settings.config.data.batch_size, inputs.preprocessing,
-                                        run.device))
-        table = sensitivity.sensitivity(sim, batches, progress=settings.progress)
-    return table.assign(model=key.model, steps=key.steps, quant=key.quant)[SENSITIVITY_COLUMNS]
 
 
 def peak_memory_mib() -> float | None:

@@ -1,5 +1,6 @@
 """Record a sweep: the only writer of a results folder's results.csv, ranges.csv, channel_ranges.csv,
-cle_sets.csv, cle_skipped.csv, predictions.npz and meta.json.
+cle_sets.csv, cle_skipped.csv, predictions.npz and meta.json; sensitivity.csv and sensitivity.json through
+results.write_sensitivity, as `clebench sensitivity` writes them.
 
 The recorder runs in the driver. It locks the folder, refuses a folder of another config, and records each finished
 unit at once, every file in a canonical order (config order) whatever order the units finish in, so a local run and
@@ -30,11 +31,14 @@ class Recorder:
     row_order: every row of the sweep, in config order. range_order: every (model, steps) whose ranges are recorded,
     in config order. meta: what meta.json records about this run (config, command, machine, device ...).
     columns: of results.csv (RESULT_COLUMNS, then results.deploy_columns(targets) for a sweep that deploys).
+    sensitivity_order: the rows of the config's [sensitivity] table, the order of sensitivity.csv.
     """
 
     def __init__(self, out: str | Path, meta: dict, row_order: Sequence[RowKey],
-                 range_order: Sequence[tuple[str, str]], columns: Sequence[str] = results.RESULT_COLUMNS) -> None:
+                 range_order: Sequence[tuple[str, str]], columns: Sequence[str] = results.RESULT_COLUMNS,
+                 sensitivity_order: Sequence[RowKey] = ()) -> None:
         self.out = Path(out)
+        self.sensitivity_order = list(sensitivity_order)
         self.columns = list(columns)
         self.meta = meta
         self.row_order = list(row_order)
@@ -85,7 +89,7 @@ class Recorder:
         self.predictions = results.read_predictions(self.out / results.PREDICTIONS_FILE)
 
     def record(self, result: UnitResult) -> None:
-        """Add a finished unit's output and rewrite the files (rows last)."""
+        """Add a finished unit's output and rewrite the files (rows last); a sensitivity row's meta is this run's."""
         self.layer_ranges.update(result.layer_ranges)
         self.channel_ranges.update(result.channel_ranges)
         self.cle_sets.update(result.cle_sets)
@@ -102,6 +106,9 @@ class Recorder:
             if tables:
                 ordered = [tables[key] for key in _ordered(tables, self.range_order)]
                 results.write_csv(pd.concat(ordered, ignore_index=True)[columns], self.out / filename)
+        for key, measured in result.sensitivity.items():
+            results.write_sensitivity(self.out, key, measured.table, {**measured.measurement, **self.meta},
+                                      self.sensitivity_order)
         results.write_csv(self.table(), self.out / results.RESULTS_FILE)
 
     def table(self) -> pd.DataFrame:

@@ -5,7 +5,9 @@
     channel_ranges.csv   per channel of the Fig. 2 layers (clebench.ranges.CHANNEL_COLUMNS)
     cle_sets.csv         per CLS set of each FP32 step prefix that scales (clebench.cle_diagnostics.CLE_SET_COLUMNS)
     cle_skipped.csv      per layer CLE left alone in such a prefix, with the reason (cle_diagnostics.SKIPPED_COLUMNS)
-    sensitivity.csv      per-layer quantization sensitivity of one row (`clebench sensitivity`; SENSITIVITY_COLUMNS)
+    sensitivity.csv      per-layer quantization sensitivity of some rows (`clebench sensitivity`, or a sweep's
+                         [sensitivity] table; SENSITIVITY_COLUMNS)
+    sensitivity.json     per such row: its images (requested and used), wall / CPU time, and the run's metadata
     predictions.npz      every row's per-image top-1 class (int16), FP32 and quantized, and the labels
     meta.json            the config, its hash, the machine and device, the last run's work counters
     results.md, *.png, report.html                   written from the files above by clebench.reporting.report
@@ -79,6 +81,8 @@ CHANNEL_RANGES_FILE = "channel_ranges.csv"
 CLE_SETS_FILE = "cle_sets.csv"
 CLE_SKIPPED_FILE = "cle_skipped.csv"
 SENSITIVITY_FILE = "sensitivity.csv"
+SENSITIVITY_META_FILE = "sensitivity.json"
+SENSITIVITY_KEY_COLUMNS = ["model", "steps", "quant"]
 PREDICTIONS_FILE = "predictions.npz"
 META_FILE = "meta.json"
 REPORT_FILE = "report.html"
@@ -125,6 +129,45 @@ def read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ResultsFolderError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
+
+
+def write_sensitivity(out: Path, key: RowKey, table: pd.DataFrame, meta: dict, order: Sequence[RowKey] = ()) -> None:
+    """Put row `key`'s sensitivity table (SENSITIVITY_COLUMNS) into out/sensitivity.csv and `meta` into
+    sensitivity.json, replacing what they held of that row and keeping the other rows: those of `order` in its order,
+    then the others in the order they were written (a rewritten row last)."""
+    path, meta_path = out / SENSITIVITY_FILE, out / SENSITIVITY_META_FILE
+    tables = {}
+    if path.is_file():
+        old = pd.read_csv(path).reindex(columns=SENSITIVITY_COLUMNS)
+        tables = {tuple(map(str, name)): group for name, group in old.groupby(SENSITIVITY_KEY_COLUMNS, sort=False)}
+    recorded = read_json(meta_path) if meta_path.is_file() else {}
+    tables.pop((key.model, key.steps, key.quant), None)
+    recorded.pop("|".join(key), None)
+    tables[(key.model, key.steps, key.quant)], recorded["|".join(key)] = table, meta
+    ranks = {(k.model, k.steps, k.quant): i for i, k in enumerate(order)}
+
+    def rank(name: tuple[str, ...]) -> int:  # sorted() is stable: rows not in `order` keep their order
+        return ranks.get(name, len(ranks))
+
+    write_csv(pd.concat([tables[name] for name in sorted(tables, key=rank)], ignore_index=True), path)
+    write_json({name: recorded[name] for name in sorted(recorded, key=lambda n: rank(_sensitivity_name(n)))}, meta_path)
+
+
+def _sensitivity_name(meta_key: str) -> tuple[str, ...]:
+    """(model, steps, quant) of a sensitivity.json key, "model|dataset|steps|quant"."""
+    model, _, steps, quant = meta_key.split("|")
+    return model, steps, quant
+
+
+def measured_sensitivity(out: Path, images: int) -> set[RowKey]:
+    """The rows whose sensitivity `out` holds, measured on `images` requested images (entries written before
+    sensitivity.json recorded the request: on that many images)."""
+    path, meta_path = out / SENSITIVITY_FILE, out / SENSITIVITY_META_FILE
+    if not (path.is_file() and meta_path.is_file()):
+        return set()
+    in_table = set(pd.read_csv(path, usecols=SENSITIVITY_KEY_COLUMNS).astype(str).itertuples(index=False, name=None))
+    return {RowKey(*name.split("|")) for name, entry in read_json(meta_path).items()
+            if entry.get("images_requested", entry.get("images")) == images and _sensitivity_name(name) in in_table}
 
 
 def prediction_name(key: RowKey, kind: str) -> str:

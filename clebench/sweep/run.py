@@ -4,11 +4,13 @@
            ──plan──────────> work units (rows not yet in the results folder)
            ──execute───────> rows, range statistics, predictions per unit (in this process, or as Ray tasks)
            ──record────────> results.csv, ranges.csv, channel_ranges.csv, predictions.npz, meta.json
+                              (and sensitivity.csv / sensitivity.json for the config's [sensitivity] rows)
 
 Work that rows share is done once: each FP32 step prefix is built once per unit; FP32 accuracy, activation ranges and
 quantized evaluations are memoized by the model's fingerprint (a step that changes nothing, such as relu6_to_relu on
 ResNet18, costs nothing). Rows are recorded as their unit finishes, so an interrupted sweep loses only the units in
-flight, and re-running the same config resumes.
+flight, and re-running the same config resumes. A [sensitivity] row is measured once per images count: a re-run
+skips the rows sensitivity.csv holds for the configured images.
 """
 from __future__ import annotations
 
@@ -84,6 +86,15 @@ def check_models(config: SweepConfig, models_dir: str | Path | None) -> tuple[di
     return loaded, usable
 
 
+def check_sensitivity_rows(config: SweepConfig, usable: dict[str, list[steps.Combination]]) -> None:
+    """Every [sensitivity] row must be a row the sweep runs (a preset skips the combinations a model cannot take)."""
+    runs = set(plan.row_order(config, usable))
+    for key in plan.sensitivity_rows(config):
+        if key not in runs:
+            raise SweepError(f"[sensitivity] row {key.model} {key.steps} {key.quant}: the sweep skips it, as "
+                             f"{key.model} cannot take those steps; remove it from sensitivity.rows")
+
+
 def prefix_identities(config: SweepConfig, loaded: dict[str, nn.Module],
                       usable: dict[str, list[steps.Combination]]) -> dict[tuple[str, steps.Combination], str]:
     """(model, FP32 prefix) -> fingerprint of the model the prefix builds, for every prefix of the sweep's rows.
@@ -154,10 +165,13 @@ def run_sweep(config: SweepConfig, out: str | Path, *, data_root: str | Path | N
     config = settings.config
     meta = run_metadata(settings, command)  # first: a runtime that is not installed stops the sweep before any work
     loaded, usable = check_models(config, settings.models_dir)
+    check_sensitivity_rows(config, usable)
     columns = results.RESULT_COLUMNS + results.deploy_columns(config.eval.deploy)
-    with Recorder(out, meta, plan.row_order(config, usable), range_order(config, usable), columns) as recorder:
+    with Recorder(out, meta, plan.row_order(config, usable), range_order(config, usable), columns,
+                  plan.sensitivity_rows(config)) as recorder:
         identities = prefix_identities(config, loaded, usable) if execution.ray else None
-        units = plan.plan(config, usable, recorder.done, execution.unit, identities)
+        measured = results.measured_sensitivity(out, config.sensitivity.images)
+        units = plan.plan(config, usable, recorder.done, execution.unit, identities, measured)
         if execution.ray is None:
             finished = execute_locally(units, settings, Resources(settings, loaded))
         else:
@@ -166,11 +180,12 @@ def run_sweep(config: SweepConfig, out: str | Path, *, data_root: str | Path | N
             finished = execute_on_ray(units, settings, out / SCRATCH_FOLDER, address=execution.ray,
                                      gpus_per_task=execution.gpus_per_task)
         work = Work()
-        with tqdm(total=sum(len(u.rows) for u in units), desc="sweep rows", unit="row", disable=not progress) as bar:
+        total = sum(len(u.rows) + len(u.sensitivity) for u in units)  # a sensitivity row counts as one row
+        with tqdm(total=total, desc="sweep rows", unit="row", disable=not progress) as bar:
             for result in finished:
                 recorder.record(result)
                 work.add(result.work)
-                bar.update(len(result.rows))
+                bar.update(len(result.rows) + len(result.sensitivity))
         shutil.rmtree(out / SCRATCH_FOLDER, ignore_errors=True)  # every row is recorded: the memo has served
         wall = round(time.perf_counter() - started, 1)
         for target in config.eval.deploy:
