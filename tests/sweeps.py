@@ -24,6 +24,23 @@ calibration = 20
 batch_size = 10
 """
 
+# Two rows, and the sensitivity of the second on {images} images (format it).
+SENSITIVITY_CONFIG = """
+models = ["mobilenet_v2_cifar10"]
+steps = ["bn_fold", "bn_fold+cls_relu6_clip"]
+quant = ["w4a8_per_tensor_minmax"]
+
+[data]
+dataset = "cifar10"
+limit = 10
+calibration = 10
+batch_size = 10
+
+[sensitivity]
+images = {images}
+rows = [ {{ model = "mobilenet_v2_cifar10", steps = "bn_fold+cls_relu6_clip", quant = "w4a8_per_tensor_minmax" }} ]
+"""
+
 
 def sweep_command(config: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "clebench", "sweep", str(config), "--out", str(out), "--no-progress", *extra]

@@ -1,5 +1,5 @@
 """The sweep on Ray (a local 2-CPU Ray): the local run's rows, a killed worker retried, a killed driver resumed,
-a worker error named with the recorded rows kept."""
+a worker error named with the recorded rows kept, [sensitivity] rows measured as Ray tasks."""
 from __future__ import annotations
 
 import os
@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from clebench.sweep.results import KEY_COLUMNS, read_json, row_differences
-from sweeps import kill_after_rows, run_sweep, sweep_command
+from sweeps import SENSITIVITY_CONFIG, kill_after_rows, run_sweep, sweep_command
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -88,3 +88,27 @@ def test_a_worker_error_is_named_and_recorded_rows_stay(config_file, uninterrupt
     assert "work unit mobilenet_v2_cifar10" in result.stderr and "airplane/0000.jpg" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert pd.read_csv(out / "results.csv").equals(pd.read_csv(uninterrupted / "results.csv").iloc[:6])
+
+
+def test_a_ray_sweep_measures_its_sensitivity_rows_as_the_command_does_on_one_thread(tmp_path, data_root, models_dir):
+    """A Ray task runs on one thread (Ray sets OMP_NUM_THREADS to its one CPU); float sums, and so the activation
+    ranges, depend on the thread count, so the reference is the command on one thread."""
+    import torch
+
+    from clebench.sweep.config import load_config
+    from clebench.sweep.sensitivity import run_row_sensitivity
+
+    config = tmp_path / "sensitivity.toml"
+    config.write_text(SENSITIVITY_CONFIG.format(images=3))
+    result = run_sweep(config, tmp_path / "ray", "--ray")
+    assert result.returncode == 0, result.stderr
+    work = read_json(tmp_path / "ray" / "meta.json")["last_run_work"]
+    assert (work["rows"], work["sensitivity_rows"], work["units"]) == (2, 1, 3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_row_sensitivity(load_config(config), "bn_fold+cls_relu6_clip", "w4a8_per_tensor_minmax", tmp_path / "alone",
+                            images=3, data_root=data_root, models_dir=models_dir, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "ray" / "sensitivity.csv").read_bytes() == (tmp_path / "alone" / "sensitivity.csv").read_bytes()

@@ -10,6 +10,7 @@ import pytest
 from clebench.sweep import plan, results
 from clebench.sweep.config import ConfigError, SensitivityRow, parse_config
 from clebench.sweep.results import RowKey
+from sweeps import SENSITIVITY_CONFIG
 
 W4, W8 = "w4a8_per_tensor_minmax", "w8a8_per_tensor_minmax"
 ROW = {"model": "mobilenet_v2_cifar10", "steps": "bn_fold+cls_relu6_clip", "quant": W4}
@@ -95,23 +96,6 @@ def test_the_writer_keeps_the_given_order_and_re_runs_know_what_is_measured(tmp_
     assert results.measured_sensitivity(tmp_path, 4) == {other}  # a row the table lost is measured again
 
 
-SWEEP = """
-models = ["mobilenet_v2_cifar10"]
-steps = ["bn_fold", "bn_fold+cls_relu6_clip"]
-quant = ["w4a8_per_tensor_minmax"]
-
-[data]
-dataset = "cifar10"
-limit = 10
-calibration = 10
-batch_size = 10
-
-[sensitivity]
-images = {images}
-rows = [ {{ model = "mobilenet_v2_cifar10", steps = "bn_fold+cls_relu6_clip", quant = "w4a8_per_tensor_minmax" }} ]
-"""
-
-
 @pytest.mark.slow
 def test_a_sweep_measures_its_rows_with_its_memo_as_the_command_does(tmp_path, data_root, models_dir, monkeypatch):
     from clebench.sweep.run import run_sweep
@@ -120,7 +104,7 @@ def test_a_sweep_measures_its_rows_with_its_memo_as_the_command_does(tmp_path, d
     written = []  # every table handed to the one writer, unrounded
     original = results.write_sensitivity
     monkeypatch.setattr(results, "write_sensitivity", lambda *args, **kw: (written.append(args[2]), original(*args, **kw)))
-    config = parse_config(tomllib.loads(SWEEP.format(images=3)))
+    config = parse_config(tomllib.loads(SENSITIVITY_CONFIG.format(images=3)))
     out = tmp_path / "sweep"
     work = run_sweep(config, out, data_root=data_root, models_dir=models_dir, progress=False).work
     # two rows, two FP32 models, two activation calibrations: the sensitivity row reuses its row's ranges
@@ -138,7 +122,7 @@ def test_a_sweep_measures_its_rows_with_its_memo_as_the_command_does(tmp_path, d
 
     again = run_sweep(config, out, data_root=data_root, models_dir=models_dir, progress=False).work
     assert (again.rows, again.calibrations, again.sensitivity_rows) == (0, 0, 0)
-    more = parse_config(tomllib.loads(SWEEP.format(images=4)))
+    more = parse_config(tomllib.loads(SENSITIVITY_CONFIG.format(images=4)))
     assert more.hash == config.hash  # the same folder takes it
     changed = run_sweep(more, out, data_root=data_root, models_dir=models_dir, progress=False).work
     assert (changed.rows, changed.calibrations, changed.sensitivity_rows) == (0, 1, 1)  # its own memo: calibrates
