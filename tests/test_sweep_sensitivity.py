@@ -76,6 +76,17 @@ def test_each_unmeasured_row_is_a_unit_after_its_models_row_units():
         (key(*ROW.values()),), (key("resnet18_cifar10", "bn_fold+cls_relu6_clip", W4),)]
 
 
+def test_a_row_the_sweep_skips_for_its_model_stops_the_sweep_before_any_work():
+    from clebench.sweep.run import SweepError, check_sensitivity_rows
+
+    config = parse_config(config_dict({"rows": [ROW]}))
+    usable = {spec.name: config.combinations for spec in config.models}
+    check_sensitivity_rows(config, usable)
+    skipped = {**usable, "mobilenet_v2_cifar10": config.combinations[:1]}  # as a preset skips what a model cannot take
+    with pytest.raises(SweepError, match=r"\[sensitivity\] row mobilenet_v2_cifar10 bn_fold\+cls_relu6_clip .*skips it"):
+        check_sensitivity_rows(config, skipped)
+
+
 def small_table(row: RowKey, units: list[str], images: int = 4) -> pd.DataFrame:
     return pd.DataFrame({"unit": units, "rank": range(1, len(units) + 1)}).assign(
         model=row.model, steps=row.steps, quant=row.quant, n_images=images).reindex(columns=results.SENSITIVITY_COLUMNS)
