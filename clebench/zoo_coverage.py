@@ -64,6 +64,10 @@ class ExportResult:
     error: str = ""  # the ExportError users see
     max_steps: float = float("nan")  # max |ONNX Runtime - torch sim| of the logits, in output-quantizer steps
     share_over_2_steps: float = float("nan")  # fraction of logits more than 2 steps apart
+    # the same differences against the simulation run in float64 (same grids, exact-er sums): how far float32
+    # summation order alone moves the torch simulation, and ONNX Runtime, from it
+    sim_float64_steps: float = float("nan")
+    runtime_float64_steps: float = float("nan")
 
 
 @dataclass
@@ -357,9 +361,16 @@ def check_export(model: nn.Module, size: int) -> ExportResult:
         logits = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0])
     with torch.no_grad():
         expected = sim.model(inputs)
+        exact = copy.deepcopy(sim.model).double()(inputs.double())
     step = _output_step(sim)
-    steps = ((logits - expected).abs() / step).round()  # both sides sit on the output grid: whole steps apart
-    return ExportResult(True, "", float(steps.max()), float((steps > EXPORT_STEPS).float().mean()))
+    steps = _steps_apart(logits, expected, step)
+    return ExportResult(True, "", float(steps.max()), float((steps > EXPORT_STEPS).float().mean()),
+                        float(_steps_apart(expected, exact, step).max()), float(_steps_apart(logits, exact, step).max()))
+
+
+def _steps_apart(first: torch.Tensor, second: torch.Tensor, step: float) -> torch.Tensor:
+    """|first - second| in output-quantizer steps (both sit on that grid: whole steps apart)."""
+    return ((first.double() - second.double()).abs() / step).round()
 
 
 def _output_step(sim) -> float:

@@ -66,6 +66,8 @@ def test_zoo_model_is_equalized_exactly_and_completely(name):
     # ONNX Runtime's float kernels sum in another order than torch's: a value on a rounding boundary lands one step
     # away, and through dozens of layers of random weights such flips grow (results/zoo_coverage.md)
     assert result.export.max_steps <= EXPORT_STEPS_MEASURED.get(name, zoo_coverage.EXPORT_STEPS)
+    if name in EXPORT_STEPS_MEASURED:  # why these may exceed 2 steps: torch's own float32 sums are that far from float64
+        assert result.export.sim_float64_steps > zoo_coverage.EXPORT_STEPS
 
 
 def conv_relu_conv() -> nn.Module:
