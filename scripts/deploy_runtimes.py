@@ -12,11 +12,15 @@ engine (OpenVINO's float kernels, the simulation's arithmetic): agreement and sp
 from __future__ import annotations
 
 import argparse
+import datetime
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+import _peers
 
 from clebench.data.datasets import batches, load_images
 from clebench.evaluation import agreement, evaluate
@@ -76,6 +80,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     versions = {name: runtime(name).runtime_info()["version"] for name in RUNTIMES}
     lines = [
+        f"Command: `python {' '.join(sys.argv)}` ({datetime.date.today()}, {_peers.machine_summary(None)}).",
+        "",
         f"First {args.images} class-balanced CIFAR-10 test images, batch 500, {args.threads} threads; per tensor, "
         f"8-bit activations, min/max, calibrated on {args.calibration} training images; int8 = int32 biases. "
         f"ONNX Runtime {versions['onnxruntime']}, OpenVINO {versions['openvino']}, torch {torch.__version__}. agree = % "

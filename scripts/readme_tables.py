@@ -11,8 +11,10 @@ tests/test_readme_tables.py).
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -124,12 +126,15 @@ def ptq_ladder(folder: str) -> str:
 
 
 def _markdown_rows(path: Path) -> list[dict[str, str]]:
-    """The rows of the first markdown table in `path`, as {header: cell}."""
+    """The rows of the first markdown table in `path`, as {header: cell}; a repeated header gets " 2", " 3", ..."""
     text = path.read_text(encoding="utf-8").splitlines()
     first = next(i for i, line in enumerate(text) if line.startswith("|"))
     lines = [line for line in text[first:first + next((k for k, line in enumerate(text[first:]) if not line.startswith("|")),
                                                       len(text) - first)]]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    header, seen = [], Counter()
+    for cell in (c.strip() for c in lines[0].strip("|").split("|")):
+        seen[cell] += 1
+        header.append(cell if seen[cell] == 1 else f"{cell} {seen[cell]}")
     return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
 
 
@@ -149,6 +154,40 @@ def deploy_gap() -> str:
                      f"{row['sim int32 bias']} ({float(row['int8 agree with it']):.1f})", row["sim int32 bias - int8"]])
     return markdown(["model", "steps", "weights", "FP32", "sim (torch)", "onnxruntime-sim (agree)", "int8 (agree)",
                      "sim − int8", "sim, int32 bias (int8 agrees)", "its − int8"], rows, left=2)
+
+
+def deploy_runtimes() -> str:
+    """Both runtimes against the torch simulation, from results/bench/deploy_runtimes.md (scripts/deploy_runtimes.py)."""
+    rows = []
+    for row in _markdown_rows(ROOT / "results" / "bench" / "deploy_runtimes.md"):
+        rows.append([MODEL_NAMES[row["model"]], _steps_label(row["steps"]), "W" + row["quant"][1], row["sim top-1"],
+                     f"{row['ORT int8 top-1']} ({row['agree']})", f"{row['OV int8 top-1']} ({row['agree 2']})",
+                     row["integer layers"] if row["integer layers"] == row["integer layers 2"] else
+                     f"{row['integer layers']} / {row['integer layers 2']}",
+                     f"{row['openvino engine agree']}, {row['speed vs torch sim']}"])
+    return markdown(["model", "steps", "weights", "sim (torch)", "ONNX Runtime int8 (agree)", "OpenVINO int8 (agree)",
+                     "integer layers", "openvino engine: agree, speed vs torch"], rows, left=2)
+
+
+def engine_sweeps() -> str:
+    """The full configs/cifar10.toml sweep per engine: wall time from each results folder's meta.json (where it was
+    recorded), the openvino engine's per-image agreement with the torch engine from
+    results/bench/engine_agreement_openvino_*.md (scripts/compare_runs.py) where both folders hold predictions, and
+    the largest top-1 difference of any quantized row from the two results.csv files."""
+    body = []
+    for model, short in (("resnet18_cifar10", "resnet18"), ("mobilenet_v2_cifar10", "mobilenet_v2")):
+        folders = [ROOT / "results" / name / model for name in ("cifar10", "cifar10_openvino")]
+        walls = [json.loads((folder / "meta.json").read_text())["last_run_work"].get("wall_seconds") for folder in folders]
+        merged = _results(f"cifar10/{model}").join(_results(f"cifar10_openvino/{model}"), rsuffix="_openvino", how="inner")
+        delta = (merged["quant_top1"] - merged["quant_top1_openvino"]).abs().max()
+        agreement = ROOT / "results" / "bench" / f"engine_agreement_openvino_{short}.md"
+        same = ([float(r["same_top1_pct"]) for r in _markdown_rows(agreement) if r["kind"] == "quant"]
+                if agreement.is_file() else [])
+        body.append([MODEL_NAMES[model], *("not recorded" if wall is None else f"{wall / 60:.0f} min" for wall in walls),
+                     str(len(merged)), f"{min(same):.2f} / {sum(same) / len(same):.2f}" if same else "no torch predictions",
+                     f"{sum(value >= 99.7 for value in same)} of {len(same)}" if same else "—", f"{delta:.2f}"])
+    return markdown(["model", "torch engine (wall)", "openvino engine (wall)", "rows", "same top-1 % (min / mean)",
+                     "rows ≥ 99.7 %", "max |Δ top-1| (points)"], body)
 
 
 def engine_speed() -> str:
@@ -186,6 +225,8 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "cifar10_models": cifar10_models,
     "deploy_gap": deploy_gap,
     "ptq-cifar10": lambda: ptq_ladder("ptq_cifar10"),
+    "deploy_runtimes": deploy_runtimes,
+    "engine_sweeps": engine_sweeps,
     "engine_speed": engine_speed,
     "simulation_cost": simulation_cost,
 }
