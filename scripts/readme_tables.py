@@ -178,7 +178,8 @@ def engine_sweeps() -> str:
     for model, short in (("resnet18_cifar10", "resnet18"), ("mobilenet_v2_cifar10", "mobilenet_v2")):
         folders = [ROOT / "results" / name / model for name in ("cifar10", "cifar10_openvino")]
         walls = [json.loads((folder / "meta.json").read_text())["last_run_work"].get("wall_seconds") for folder in folders]
-        merged = _results(f"cifar10/{model}").join(_results(f"cifar10_openvino/{model}"), rsuffix="_openvino", how="inner")
+        merged = _results(f"cifar10/{model}").merge(_results(f"cifar10_openvino/{model}"), left_index=True,
+                                                    right_index=True, suffixes=("", "_openvino"))
         delta = (merged["quant_top1"] - merged["quant_top1_openvino"]).abs().max()
         agreement = ROOT / "results" / "bench" / f"engine_agreement_openvino_{short}.md"
         same = ([float(r["same_top1_pct"]) for r in _markdown_rows(agreement) if r["kind"] == "quant"]
