@@ -11,7 +11,10 @@ of each class in sorted order), evaluation the first `--limit` test images of ea
 from __future__ import annotations
 
 import argparse
+import datetime
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -38,10 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=positive_int, default=2000, help="class-balanced test images")
     parser.add_argument("--weight-bits", type=int, default=4)
     parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=None, help="also write the lines printed to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     config = QuantConfig(weight_bits=args.weight_bits, act_bits=8)
-    print(f"# {_peers.machine_summary(None)}")
+    lines = [f"# python {' '.join(sys.argv)} ({datetime.date.today()}); {_peers.machine_summary(None)}"]
+    print(lines[0], flush=True)
     for name in args.models:
         preprocessing = model_preprocessing(name)
         train = load_images("cifar10", "train", args.data, preprocessing, limit=args.images, progress=False)
@@ -64,9 +69,12 @@ def main(argv: list[str] | None = None) -> int:
                                                      AdaroundSettings(iterations=args.iterations))
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         fp32, plain, ada = top1(state.model), quantized(state.model), quantized(rounded, encodings)
-        print(f"{name} {STEPS[name]} {config.name}, {len(test)} test images: FP32 {fp32:.2f}, without AdaRound "
-              f"{plain:.2f} ({plain - fp32:+.2f}), AdaRound {args.iterations} iterations {ada:.2f} ({ada - fp32:+.2f}), "
-              f"AdaRound {len(encodings)} layers in {seconds:.0f} s wall, {cpu_seconds:.0f} s CPU", flush=True)
+        lines.append(f"{name} {STEPS[name]} {config.name}, {len(test)} test images: FP32 {fp32:.2f}, without AdaRound "
+                     f"{plain:.2f} ({plain - fp32:+.2f}), AdaRound {args.iterations} iterations {ada:.2f} "
+                     f"({ada - fp32:+.2f}), AdaRound {len(encodings)} layers in {seconds:.0f} s wall, {cpu_seconds:.0f} s CPU")
+        print(lines[-1], flush=True)
+    if args.out is not None:
+        args.out.write_text("\n".join(lines) + "\n")
     return 0
 
 

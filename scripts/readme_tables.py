@@ -191,6 +191,13 @@ def engine_sweeps() -> str:
                      "rows ≥ 99.7 %", "max |Δ top-1| (points)"], body)
 
 
+def adaround_aimet() -> str:
+    """clebench's AdaRound against AIMET's, from results/bench/adaround_aimet.md (scripts/compare_aimet_adaround.py)."""
+    rows = _markdown_rows(ROOT / "results" / "bench" / "adaround_aimet.md")
+    columns = list(rows[0])[1:]
+    return markdown(["model", *columns], [[MODEL_NAMES[r["model"]], *(r[c] for c in columns)] for r in rows], left=2)
+
+
 def engine_speed() -> str:
     """Speed against the torch simulation, from results/bench/engines.md (scripts/bench_engines.py)."""
     rows = {(r["model"], r["engine"]): r["vs torch sim"] for r in _markdown_rows(ROOT / "results" / "bench" / "engines.md")}
@@ -228,6 +235,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "ptq-cifar10": lambda: ptq_ladder("ptq_cifar10"),
     "deploy_runtimes": deploy_runtimes,
     "engine_sweeps": engine_sweeps,
+    "adaround_aimet": adaround_aimet,
     "engine_speed": engine_speed,
     "simulation_cost": simulation_cost,
 }
