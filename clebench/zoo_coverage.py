@@ -375,15 +375,12 @@ def _steps_apart(first: torch.Tensor, second: torch.Tensor, step: float) -> torc
 
 def _output_step(sim) -> float:
     """The scale of the quantizer whose grid the logits are on (past value-preserving ops such as a flatten)."""
-    from clebench.quant.sim import ActivationQuantizer
+    from clebench.quant.sim import quantizer_of
 
     modules = dict(sim.model.named_modules())
-    node = next(node for node in reversed(sim.model.graph.nodes) if node.op == "output").args[0]
-    while not isinstance(graph.module_of(node, modules), ActivationQuantizer):
-        if not ops.is_value_preserving(node, modules):
-            return float("nan")
-        node = node.args[0]
-    return float(modules[node.target].encoding.scale)
+    output = next(node for node in reversed(sim.model.graph.nodes) if node.op == "output")
+    quantizer = quantizer_of(output.args[0], modules)
+    return float("nan") if quantizer is None else float(modules[quantizer.target].encoding.scale)
 
 
 def check_model(name: str) -> ZooResult:

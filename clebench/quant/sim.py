@@ -119,6 +119,18 @@ def _free_attribute(module: nn.Module, base: str) -> str:
     return name
 
 
+def quantizer_of(value: object, modules: dict[str, nn.Module]) -> fx.Node | None:
+    """The ActivationQuantizer call whose grid the graph value `value` lies on, looking back through value-preserving
+    ops (view, flatten, ...); None if another op (or no node) comes first."""
+    while isinstance(value, fx.Node):
+        if isinstance(graph.module_of(value, modules), ActivationQuantizer):
+            return value
+        if not ops.is_value_preserving(value, modules):
+            return None
+        value = value.args[0]
+    return None
+
+
 class QuantSim:
     """Simulated quantization of `model` under `config` (AIMET QuantizationSimModel-like).
 
@@ -329,16 +341,12 @@ class QuantSim:
 
     def _input_quantizer(self, node: fx.Node, modules: dict[str, nn.Module]) -> str:
         """The activation quantizer whose grid the layer call `node` reads."""
-        source = node.args[0]
-        while isinstance(source, fx.Node):
-            if isinstance(graph.module_of(source, modules), ActivationQuantizer):
-                return source.target.rpartition(".")[2]
-            if not ops.is_value_preserving(source, modules):
-                break
-            source = source.args[0]
-        raise ValueError(
-            f"int32_bias: the input of layer {node.target!r} is not the output of one activation quantizer"
-        )
+        source = quantizer_of(node.args[0], modules)
+        if source is None:
+            raise ValueError(
+                f"int32_bias: the input of layer {node.target!r} is not the output of one activation quantizer"
+            )
+        return source.target.rpartition(".")[2]
 
     def _quantize_biases(self) -> None:
         modules = dict(self.model.named_modules())
