@@ -17,7 +17,12 @@ from clebench.adaround import (
     apply_adaround_to_model,
     optimize_layer,
 )
-from clebench.adaround.rounding import RoundingVariable, annealed_beta, rectified_sigmoid, rounding_regularizer
+from clebench.adaround.rounding import (
+    RoundingVariable,
+    annealed_beta,
+    rectified_sigmoid,
+    rounding_regularizer,
+)
 from clebench.quant import QuantConfig, QuantSim
 from clebench.quant.encoding import weight_encoding
 
@@ -47,6 +52,35 @@ def test_regularizer_matches_hand_computed_values():
     h = torch.tensor([0.0, 0.25, 0.5, 1.0])
     assert rounding_regularizer(h, 2.0).item() == pytest.approx(0 + 0.75 + 1 + 0)
     assert rounding_regularizer(h, 20.0).item() == pytest.approx(0 + (1 - 0.5**20) + 1 + 0)
+
+
+@pytest.mark.parametrize("beta", [None, 2.0, 20.0])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_soft_rounding_value_and_gradient_equal_the_composed_formulas(beta, per_channel):
+    torch.manual_seed(0)
+    weight = torch.randn(6, 4, 3, 3)
+    encoding = weight_encoding(_conv_with(weight), QuantConfig(weight_bits=3, act_bits=None, per_channel=per_channel))
+    rounding = RoundingVariable(weight, encoding)
+    with torch.no_grad():  # spread V so that some h clip at 0 and 1 and some levels at the grid's ends
+        rounding.v.mul_(torch.rand_like(rounding.v) * 6).add_(torch.randn_like(rounding.v) * 3)
+    upstream = torch.randn_like(weight)
+    soft, regularizer = rounding.soft(beta)
+    (grad,) = torch.autograd.grad((soft * upstream).sum() + 0.7 * regularizer, rounding.v)
+    h = rectified_sigmoid(rounding.v)
+    composed = rounding.dequantize(h)
+    reg = rounding_regularizer(h, beta) if beta is not None else torch.zeros(())
+    (expected,) = torch.autograd.grad((composed * upstream).sum() + 0.7 * reg, rounding.v)
+    assert torch.allclose(soft, composed, atol=1e-6)
+    assert regularizer.item() == pytest.approx(reg.item(), rel=1e-5, abs=1e-5)
+    assert torch.allclose(grad, expected, atol=1e-5, rtol=1e-4)
+    assert (grad == 0).any() and (grad != 0).any()
+
+
+def _conv_with(weight: torch.Tensor) -> nn.Conv2d:
+    layer = nn.Conv2d(weight.shape[1], weight.shape[0], weight.shape[2])
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    return layer
 
 
 def test_beta_is_off_during_warm_start_then_anneals_from_start_to_end():
@@ -198,7 +232,7 @@ def test_the_exact_loss_from_input_moments_equals_the_loss_over_all_samples(laye
     x = torch.randn(shape)
     x_q = x + 0.1 * torch.randn_like(x)
     with torch.no_grad():
-        second, cross, constant = _moments(layer, x_q, layer(x), batch_size=32)
+        second, cross, constant = _moments(layer, x_q, layer(x))
         weight = layer.weight + 0.05 * torch.randn_like(layer.weight)
         grouped = weight.reshape(second.shape[0], -1, second.shape[1])
         from_moments = ((grouped @ second) * grouped).sum() - 2 * (grouped * cross).sum() + constant

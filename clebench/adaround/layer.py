@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from clebench.adaround.rounding import RoundingVariable, annealed_beta, rectified_sigmoid, rounding_regularizer
+from clebench.adaround.rounding import RoundingVariable, annealed_beta
 from clebench.errors import UserError
 from clebench.quant.encoding import Encoding
 
@@ -83,11 +83,12 @@ def optimize_layer(layer: nn.Module, encoding: Encoding, inputs: torch.Tensor, t
 
     inputs: [N, ...] the layer's inputs x_q; targets: [N, ...] act(FP32 layer output), the same N samples.
     generator: draws the samples of each step.
-    A Linear or zero-padded Conv2d without activation has a quadratic loss; where its K x K input moments (K: inputs
-    per output, Cin / groups x kernel size) cost less per step than the sampled batch, each step uses the exact
-    loss over all N samples instead (same minimum, no sampling noise).
+    A Linear or zero-padded Conv2d without activation has a quadratic loss; where its input moments cost less over
+    the whole optimization than the sampled steps (`moments_pay_off`), each step uses the exact loss over all N
+    samples instead (same minimum, no sampling noise).
     """
-    moments = _moments(layer, inputs, targets, settings.batch_size) if activation is None else None
+    use_moments = activation is None and moments_pay_off(layer, targets, settings)
+    moments = _moments(layer, inputs, targets) if use_moments else None
     if moments is None:
         count = inputs.shape[0]
 
@@ -106,11 +107,34 @@ def optimize_layer(layer: nn.Module, encoding: Encoding, inputs: torch.Tensor, t
         return _optimize(RoundingVariable(layer.weight, encoding), loss, settings)
 
 
-def _moments(layer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-             batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+MOMENTS_SLOWDOWN = 2.0  # a moment multiply-add costs about twice a convolution's here (unfold copies, small matmuls)
+
+
+def moments_pay_off(layer: nn.Module, targets: torch.Tensor, settings: AdaroundSettings) -> bool:
+    """Whether the exact loss from input moments costs fewer multiply-adds over all iterations than sampled steps.
+
+    With K = Cin / groups x kernel size inputs per output, g groups, P output positions per sample, N samples
+    (M = N x P rows) and B = min(batch_size, N): the moments cost g K^2 M + out K M once and 2 out K^2 per step
+    (loss and gradient), a sampled step 2 out K B P (forward and weight gradient).
+    targets: [N, out, ...] for a conv, [N, ..., out] for a linear layer.
+    """
+    if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+        return False
+    out, size = layer.weight.shape[0], layer.weight[0].numel()
+    groups = getattr(layer, "groups", 1)
+    samples = targets.shape[0]
+    positions = targets.numel() // (samples * out)
+    rows = samples * positions
+    moments = groups * size ** 2 * rows + out * size * rows + settings.iterations * 2 * out * size ** 2
+    sampled = settings.iterations * 2 * out * size * min(settings.batch_size, samples) * positions
+    return MOMENTS_SLOWDOWN * moments < sampled
+
+
+def _moments(layer: nn.Module, inputs: torch.Tensor,
+             targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(E[x x^T] [g, K, K], E[(t - b) x^T] [g, out / g, K], E[|t - b|^2]) over the N x positions rows of a Linear or
     zero-padded Conv2d with g groups, so that the loss of weight W is sum(W E[x x^T] W^T) - 2 sum(W E[(t-b) x^T]) +
-    E[|t-b|^2]; None for other layers, or where a sampled step is cheaper (K >= 2 x batch_size x positions)."""
+    E[|t-b|^2]; None for other layers."""
     if isinstance(layer, nn.Linear):
         rows, groups = inputs.reshape(-1, inputs.shape[-1]), 1
         outputs = targets.reshape(-1, targets.shape[-1])
@@ -120,10 +144,7 @@ def _moments(layer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
         groups, outputs = layer.groups, targets.movedim(1, -1).reshape(-1, targets.shape[1])
     else:
         return None
-    positions = rows.shape[0] // inputs.shape[0]
     size = layer.weight[0].numel()
-    if size >= 2 * batch_size * positions:
-        return None
     if layer.bias is not None:
         outputs = outputs - layer.bias.detach()
     grouped = rows.reshape(rows.shape[0], groups, size).transpose(0, 1)  # [g, M, K]
@@ -137,11 +158,9 @@ def _optimize(rounding: RoundingVariable, reconstruction: Callable[[torch.Tensor
               settings: AdaroundSettings) -> RoundingVariable:
     optimizer = torch.optim.Adam([rounding.v], lr=settings.adam_learning_rate)
     for iteration in range(settings.iterations):
-        h = rectified_sigmoid(rounding.v)
-        loss = reconstruction(rounding.dequantize(h))
         beta = annealed_beta(iteration, settings.iterations, settings.beta_range, settings.warm_start)
-        if beta is not None:
-            loss = loss + settings.reg_param * rounding_regularizer(h, beta)
+        weight, regularizer = rounding.soft(beta)
+        loss = reconstruction(weight) + settings.reg_param * regularizer
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
