@@ -156,7 +156,8 @@ def _moments(layer: nn.Module, inputs: torch.Tensor,
 
 def _optimize(rounding: RoundingVariable, reconstruction: Callable[[torch.Tensor], torch.Tensor],
               settings: AdaroundSettings) -> RoundingVariable:
-    optimizer = torch.optim.Adam([rounding.v], lr=settings.adam_learning_rate)
+    fused = rounding.v.device.type in ("cpu", "cuda")  # one pass over V per step instead of several
+    optimizer = torch.optim.Adam([rounding.v], lr=settings.adam_learning_rate, fused=fused)
     for iteration in range(settings.iterations):
         beta = annealed_beta(iteration, settings.iterations, settings.beta_range, settings.warm_start)
         weight, regularizer = rounding.soft(beta)

@@ -39,30 +39,26 @@ def annealed_beta(iteration: int, iterations: int, beta_range: tuple[float, floa
     return low + 0.5 * (high - low) * (1 + math.cos(progress * math.pi))
 
 
+CPU_SLICE = 1 << 18  # weights per slice of the element-wise chain on a CPU: its temporaries stay in the core's cache
+
+
 class _SoftRounding(torch.autograd.Function):
-    """(soft(V), f_reg(h(V), beta)) with the gradient in V written out: a few passes over the weight instead of the
-    ~20 autograd records of the same element-wise chain, which on wide layers (2.4 M weights) cost twice the layer's
-    convolution per step. Same values and gradients as composing rectified_sigmoid, dequantize and
-    rounding_regularizer (tests/test_adaround.py); beta None: no regularizer (its value is 0)."""
+    """(soft(V), f_reg(h(V), beta)) with the gradient in V written out, computed in slices of output channels on a
+    CPU. Autograd's ~20 element-wise records over a whole 512-channel weight (2.4 M elements) streamed from memory
+    cost twice the layer's convolution per step; this keeps two tensors for the backward pass, which is one
+    multiply-add. Same values and gradients as composing rectified_sigmoid, dequantize and rounding_regularizer
+    (tests/test_adaround.py); beta None: no regularizer (its value is 0)."""
 
     @staticmethod
     def forward(ctx, v: torch.Tensor, rounding: RoundingVariable, beta: float | None):
-        sigmoid = torch.sigmoid(v)
-        stretched = sigmoid * (ZETA - GAMMA) + GAMMA
-        h = stretched.clamp(0.0, 1.0)
-        # dh/dV = (zeta - gamma) sigmoid (1 - sigmoid) where the clamp passes its input (autograd's convention)
-        slope = (1 - sigmoid).mul_(sigmoid).mul_((ZETA - GAMMA) * (h == stretched))
-        level = h + rounding.floor
-        clamped = level.clamp(rounding.quant_min, rounding.quant_max)
-        weight_slope = slope * rounding.scale * (clamped == level)  # d weight / dV
-        weight = clamped.sub_(rounding.zero_point).mul_(rounding.scale)
-        regularizer, reg_slope = v.new_zeros(()), None
-        if beta is not None:
-            centered = 2 * h - 1
-            magnitude = centered.abs()
-            power = magnitude.pow(beta - 1)  # times |2h - 1|: the regularizer's |2h - 1|^beta
-            regularizer = magnitude.numel() - torch.dot(power.flatten(), magnitude.flatten())
-            reg_slope = torch.copysign(power, centered).mul_(slope * (-2 * beta))  # d f_reg / dV
+        weight, weight_slope = torch.empty_like(v), torch.empty_like(v)
+        reg_slope = None if beta is None else torch.empty_like(v)
+        regularizer = v.new_zeros(())
+        rows = max(1, CPU_SLICE // max(1, v[0].numel())) if v.device.type == "cpu" else v.shape[0]
+        for start in range(0, v.shape[0], rows):
+            part = slice(start, start + rows)
+            regularizer += _soft_rows(v[part], rounding, part, beta, weight[part], weight_slope[part],
+                                      None if reg_slope is None else reg_slope[part])
         ctx.save_for_backward(weight_slope, reg_slope)
         return weight, regularizer
 
@@ -73,6 +69,32 @@ class _SoftRounding(torch.autograd.Function):
         if reg_slope is not None:
             grad = grad.addcmul_(reg_slope, grad_regularizer)
         return grad, None, None
+
+
+def _soft_rows(v: torch.Tensor, rounding: RoundingVariable, part: slice, beta: float | None, weight: torch.Tensor,
+               weight_slope: torch.Tensor, reg_slope: torch.Tensor | None) -> torch.Tensor:
+    """Write soft(V), d soft / dV and d f_reg / dV of the rows `part` (v = V[part]) into the given views; return
+    their share of f_reg."""
+    def rows(grid: torch.Tensor) -> torch.Tensor:  # a per-channel grid on axis 0 is sliced, others broadcast
+        return grid[part] if grid.shape[0] > 1 else grid
+
+    scale = rows(rounding.scale)
+    sigmoid = torch.sigmoid(v)
+    stretched = sigmoid * (ZETA - GAMMA) + GAMMA
+    h = stretched.clamp(0.0, 1.0)
+    # dh/dV = (zeta - gamma) sigmoid (1 - sigmoid) where the clamp passes its input (autograd's convention)
+    slope = (1 - sigmoid).mul_(sigmoid).mul_((ZETA - GAMMA) * (h == stretched))
+    level = h + rounding.floor[part]
+    clamped = level.clamp(rounding.quant_min, rounding.quant_max)
+    torch.mul(slope * scale, clamped == level, out=weight_slope)
+    torch.mul(clamped.sub_(rows(rounding.zero_point)), scale, out=weight)
+    if beta is None:
+        return v.new_zeros(())
+    centered = 2 * h - 1
+    magnitude = centered.abs()
+    power = magnitude.pow(beta - 1)  # times |2h - 1|: the regularizer's |2h - 1|^beta
+    torch.mul(torch.copysign(power, centered), slope * (-2 * beta), out=reg_slope)
+    return magnitude.numel() - torch.dot(power.flatten(), magnitude.flatten())
 
 
 class RoundingVariable:
