@@ -94,9 +94,10 @@ PTQ_QUANTS = [("w8a8_per_tensor_minmax", "W8A8"), ("w6a8_per_tensor_minmax", "W6
               ("w4a8_per_tensor_minmax", "W4A8"), ("w4a8_per_channel_minmax", "W4A8 per-channel")]
 
 
-def ptq_ladder(folder: str) -> str:
+def ptq_ladder(folder: str, decimals: int = 2) -> str:
     """The `ptq` preset's rows per model: top-1 (%) simulated / on ONNX Runtime's int8 kernels, for the quant settings
-    the folder has; rows it has not finished show "—". Last column per setting: AdaRound with CLE minus without."""
+    the folder has; rows it has not finished show "—". Last rows per model: AdaRound with CLE minus without, and
+    the AdaRound rows' seconds (AdaRound, then the row's evaluation on both engines)."""
     table = _results(folder)
     quants = [(q, name) for q, name in PTQ_QUANTS if q in table.index.get_level_values("quant")]
     models = list(dict.fromkeys(read_results_table(ROOT / "results" / folder / "results.csv")["model"]))
@@ -112,16 +113,19 @@ def ptq_ladder(folder: str) -> str:
         for steps in PTQ_LADDER:
             steps = steps.format(cls=cls)
             fp32 = next((top1(steps, q, "fp32_top1") for q, _ in quants if top1(steps, q) is not None), None)
-            cells = [MODEL_NAMES.get(model, model), _steps_label(steps), "—" if fp32 is None else f"{fp32:.1f}"]
+            cells = [MODEL_NAMES.get(model, model), _steps_label(steps), "—" if fp32 is None else f"{fp32:.{decimals}f}"]
             for quant, _ in quants:
                 sim, int8 = top1(steps, quant), top1(steps, quant, "onnxruntime_top1")
-                cells.append("—" if sim is None else f"{sim:.1f} / {int8:.1f}")
+                cells.append("—" if sim is None else f"{sim:.{decimals}f} / {int8:.{decimals}f}")
             body.append(cells)
         with_cle, without = f"bn_fold+{cls}+hbf+adaround", "bn_fold+adaround"
         gains = [top1(with_cle, q) - top1(without, q) if None not in (top1(with_cle, q), top1(without, q)) else None
                  for q, _ in quants]
         body.append([MODEL_NAMES.get(model, model), "CLE's gain after AdaRound (points)", "",
-                     *("—" if g is None else f"{g:+.1f}" for g in gains)])
+                     *("—" if g is None else f"{g:+.{decimals}f}" for g in gains)])
+        seconds = [[top1(steps, q, "seconds") for steps in (with_cle, without)] for q, _ in quants]
+        body.append([MODEL_NAMES.get(model, model), "AdaRound rows' seconds, with / without CLE", "",
+                     *(" / ".join("—" if t is None else f"{t:.0f}" for t in pair) for pair in seconds)])
     return markdown(["model", "steps", "FP32", *(f"{name} sim / int8" for _, name in quants)], body, left=2)
 
 

@@ -51,8 +51,10 @@ def test_ptq_ladder_picks_the_models_cls_step_and_subtracts_adaround_without_cle
     tables.ROOT = tmp_path
     lines = tables.ptq_ladder("ptq").splitlines()
     assert lines[0] == "| model | steps | FP32 | W4A8 sim / int8 |"
-    assert "| ResNet18 | + CLS + HBF + AdaRound | 90.0 | 88.5 / 88.0 |" in lines
-    assert "| ResNet18 | CLE's gain after AdaRound (points) |  | +1.5 |" in lines
-    assert "| MobileNetV2 | + CLS (ReLU6 clip) + HBF + AdaRound | 90.0 | 70.0 / 69.5 |" in lines
+    assert "| ResNet18 | + CLS + HBF + AdaRound | 90.00 | 88.50 / 88.00 |" in lines
+    assert "| ResNet18 | CLE's gain after AdaRound (points) |  | +1.50 |" in lines
+    assert "| ResNet18 | AdaRound rows' seconds, with / without CLE |  | 1 / 1 |" in lines
+    assert "| MobileNetV2 | + CLS (ReLU6 clip) + HBF + AdaRound | 90.00 | 70.00 / 69.50 |" in lines
     assert "| MobileNetV2 | BN fold | — | — |" in lines
     assert "| MobileNetV2 | CLE's gain after AdaRound (points) |  | — |" in lines
+    assert "| MobileNetV2 | AdaRound rows' seconds, with / without CLE |  | 1 / — |" in lines
