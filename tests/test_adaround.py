@@ -17,12 +17,7 @@ from clebench.adaround import (
     apply_adaround_to_model,
     optimize_layer,
 )
-from clebench.adaround.rounding import (
-    RoundingVariable,
-    annealed_beta,
-    rectified_sigmoid,
-    rounding_regularizer,
-)
+from clebench.adaround.rounding import RoundingVariable, annealed_beta, rectified_sigmoid, rounding_regularizer
 from clebench.quant import QuantConfig, QuantSim
 from clebench.quant.encoding import weight_encoding
 

@@ -54,9 +54,9 @@ class _SoftRounding(torch.autograd.Function):
         weight, weight_slope = torch.empty_like(v), torch.empty_like(v)
         reg_slope = None if beta is None else torch.empty_like(v)
         regularizer = v.new_zeros(())
-        rows = max(1, CPU_SLICE // max(1, v[0].numel())) if v.device.type == "cpu" else v.shape[0]
-        for start in range(0, v.shape[0], rows):
-            part = slice(start, start + rows)
+        channels = max(1, CPU_SLICE // max(1, v[0].numel())) if v.device.type == "cpu" else v.shape[0]
+        for start in range(0, v.shape[0], channels):
+            part = slice(start, start + channels)
             regularizer += _soft_rows(v[part], rounding, part, beta, weight[part], weight_slope[part],
                                       None if reg_slope is None else reg_slope[part])
         ctx.save_for_backward(weight_slope, reg_slope)
