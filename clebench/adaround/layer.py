@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from clebench.adaround.rounding import RoundingVariable, annealed_beta
+from clebench.adaround.rounding import CPU_SLICE, RoundingVariable, annealed_beta
 from clebench.errors import UserError
 from clebench.quant.encoding import Encoding
 
@@ -76,6 +76,42 @@ def reconstruction_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return (output - target).pow(2).sum() * (output.shape[1] / output.numel())
 
 
+class _SquaredError(torch.autograd.Function):
+    """reconstruction_loss with its gradient written out and, on a CPU, computed in slices that stay in cache.
+
+    Autograd's version streams the [B, C, H, W] output through memory about eight times per step (difference,
+    square, sum, and the gradient's power, products) and allocates as many fresh tensors; on EfficientNet-Lite0's
+    112 x 112 layers that costs more than the convolution. The gradient is the product autograd computes,
+    (grad x scale) x (2 (output - target)), so its bits are the same (tests/test_adaround.py); the loss value is
+    summed in another order.
+    """
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        output, target = output.contiguous(), target.contiguous()
+        ctx.save_for_backward(output, target)
+        total = output.new_zeros(())
+        for out, tgt in zip(*_slices(output, target)):
+            total += (out - tgt).pow(2).sum()
+        return total * (output.shape[1] / output.numel())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        output, target = ctx.saved_tensors
+        factor = grad * (output.shape[1] / output.numel())
+        grad_output = torch.empty_like(output)
+        for out, tgt, result in zip(*_slices(output, target, grad_output)):
+            torch.mul(factor, 2 * (out - tgt), out=result)
+        return grad_output, None
+
+
+def _slices(*tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """Flat views of same-shaped contiguous tensors, in CPU_SLICE pieces on a CPU (one piece elsewhere)."""
+    flat = [tensor.view(-1) for tensor in tensors]
+    size = CPU_SLICE if tensors[0].device.type == "cpu" else max(1, flat[0].numel())
+    return [tensor.split(size) for tensor in flat]
+
+
 def optimize_layer(layer: nn.Module, encoding: Encoding, inputs: torch.Tensor, targets: torch.Tensor,
                    activation: Callable[[torch.Tensor], torch.Tensor] | None, settings: AdaroundSettings,
                    generator: torch.Generator) -> RoundingVariable:
@@ -95,7 +131,7 @@ def optimize_layer(layer: nn.Module, encoding: Encoding, inputs: torch.Tensor, t
         def loss(weight: torch.Tensor) -> torch.Tensor:
             index = torch.randperm(count, generator=generator)[: settings.batch_size]
             output = functional_call(layer, {"weight": weight}, (inputs[index],))
-            return reconstruction_loss(output if activation is None else activation(output), targets[index])
+            return _SquaredError.apply(output if activation is None else activation(output), targets[index])
     else:
         second, cross, constant = moments
 
