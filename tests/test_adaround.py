@@ -71,6 +71,29 @@ def test_soft_rounding_value_and_gradient_equal_the_composed_formulas(beta, per_
     assert (grad == 0).any() and (grad != 0).any()
 
 
+@pytest.mark.parametrize("activation", [None, nn.ReLU6()])
+def test_the_written_out_squared_error_has_autograds_gradient_bit_for_bit(activation):
+    from clebench.adaround.layer import _SquaredError, reconstruction_loss
+    from clebench.adaround.rounding import CPU_SLICE
+
+    torch.manual_seed(0)
+    output = torch.randn(3, 5, 190, 190) * 4  # 541,500 elements: three slices, the last one partial
+    assert CPU_SLICE < output.numel() < 3 * CPU_SLICE
+    target = torch.randn_like(output).clamp(0, 6)
+    grads, losses = [], []
+    for loss_fn in (_SquaredError.apply, reconstruction_loss):
+        leaf = output.clone().requires_grad_()
+        loss = loss_fn(leaf if activation is None else activation(leaf), target)
+        (grad,) = torch.autograd.grad(loss + 0.5, leaf)
+        grads.append(grad)
+        losses.append(loss.item())
+    assert torch.equal(grads[0], grads[1])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    activated = output if activation is None else activation(output)
+    per_position = (activated - target).pow(2).sum().item() / (3 * 190 * 190)  # summed over the 5 channels
+    assert losses[0] == pytest.approx(per_position, rel=1e-5)
+
+
 def _conv_with(weight: torch.Tensor) -> nn.Conv2d:
     layer = nn.Conv2d(weight.shape[1], weight.shape[0], weight.shape[2])
     with torch.no_grad():
@@ -93,6 +116,29 @@ def test_rounding_starts_at_the_float_weight_and_hard_rounds_to_neighbouring_gri
     hard = rounding.hard()
     assert torch.equal(encoding.fake_quantize(hard), hard)
     assert ((hard - layer.weight).abs() <= encoding.scale * (1 + 1e-5)).all()
+
+
+@pytest.mark.parametrize("iterations", [2, 5])
+def test_a_few_iterations_at_the_default_learning_rate_round_about_as_well_as_nearest(iterations):
+    from torch.nn.functional import conv2d
+
+    from clebench.adaround.layer import reconstruction_loss
+
+    torch.manual_seed(0)
+    layer = nn.Conv2d(32, 64, 3, padding=1)
+    x = torch.randn(256, 32, 8, 8)
+    x_q = x + 0.02 * torch.randn_like(x)
+    with torch.no_grad():
+        target = torch.relu(layer(x))
+    encoding = weight_encoding(layer, W4)
+
+    def error(weight: torch.Tensor) -> float:
+        with torch.no_grad():
+            return reconstruction_loss(torch.relu(conv2d(x_q, weight, layer.bias, padding=1)), target).item()
+
+    rounding = optimize_layer(layer, encoding, x_q, target, torch.relu, AdaroundSettings(iterations=iterations),
+                              torch.Generator().manual_seed(0))
+    assert error(rounding.hard()) < 1.02 * error(encoding.fake_quantize(layer.weight.detach()))
 
 
 def test_after_optimization_every_decision_is_binary_and_weights_lie_on_the_grid():

@@ -6,7 +6,8 @@ layer's output), act: the activation right after the layer (if any). The squared
 channels (axis 1) and averaged over everything else (batch, positions), as AIMET's loss. Each iteration draws
 `batch_size` samples of the cached data at random; Adam updates V, by default with learning rate 10 / iterations:
 AIMET's 1e-3 at its 10,000 iterations, and large enough at fewer iterations for V to travel as far (with 1e-3,
-1,000 steps leave many h(V) between 0 and 1). beta anneals from beta_range[0] to
+1,000 steps leave many h(V) between 0 and 1), but at most 0.1: below 100 iterations larger steps overshoot, and
+5 iterations at 10 / 5 rounded worse than nearest rounding. beta anneals from beta_range[0] to
 beta_range[1] after a warm start without the regularizer, which drives every h(V) to 0 or 1.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from clebench.quant.encoding import Encoding
 DEFAULT_ITERATIONS = 1000
 DEFAULT_BATCH_SIZE = 32  # samples per iteration (AIMET's)
 STEP_BUDGET = 10.0  # default learning rate x iterations: AIMET's Adam learning rate 1e-3 x its 10,000 iterations
+MAX_LEARNING_RATE = 0.1  # the default's cap, reached at 100 iterations
 
 
 class AdaroundError(UserError):
@@ -36,7 +38,8 @@ class AdaroundError(UserError):
 class AdaroundSettings:
     """iterations: optimization steps per layer; reg_param: lambda; beta_range: (start, end) of beta's annealing;
     warm_start: fraction of the iterations without the regularizer; batch_size: samples per step; seed: the
-    sampling seed (same seed and data: same rounding); learning_rate: Adam's (None: STEP_BUDGET / iterations)."""
+    sampling seed (same seed and data: same rounding); learning_rate: Adam's (None: STEP_BUDGET / iterations, at most
+    MAX_LEARNING_RATE)."""
 
     iterations: int = DEFAULT_ITERATIONS
     reg_param: float = 0.01
@@ -64,7 +67,9 @@ class AdaroundSettings:
 
     @property
     def adam_learning_rate(self) -> float:
-        return STEP_BUDGET / self.iterations if self.learning_rate is None else self.learning_rate
+        if self.learning_rate is None:
+            return min(STEP_BUDGET / self.iterations, MAX_LEARNING_RATE)
+        return self.learning_rate
 
 
 def _number(value: object) -> bool:
