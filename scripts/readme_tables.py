@@ -26,7 +26,8 @@ from clebench.sweep.results import KEY_COLUMNS
 ROOT = Path(__file__).resolve().parents[1]
 FILES = [ROOT / "README.md", ROOT / "results" / "cifar10" / "README.md"]
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
-MODEL_NAMES = {"resnet18_cifar10": "ResNet18", "mobilenet_v2_cifar10": "MobileNetV2"}
+MODEL_NAMES = {"resnet18_cifar10": "ResNet18", "mobilenet_v2_cifar10": "MobileNetV2",
+               "efficientnet_lite0": "EfficientNet-Lite0"}
 PAPER_MNV2 = [  # (steps, row label) of the MobileNetV2 CIFAR-10 headline table
     ("bn_fold", "BN fold"),
     ("bn_fold+relu6_to_relu", "+ ReLU6→ReLU"),
@@ -232,6 +233,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "cifar10_models": cifar10_models,
     "deploy_gap": deploy_gap,
     "ptq-cifar10": lambda: ptq_ladder("ptq_cifar10"),
+    "ptq-imagenet-sample-lite0": lambda: ptq_ladder("ptq_imagenet_sample_lite0", decimals=1),
     "deploy_runtimes": deploy_runtimes,
     "engine_sweeps": engine_sweeps,
     "adaround_aimet": adaround_aimet,
