@@ -2,10 +2,10 @@
 
 import os
 
-# Large CPU tensors on transparent huge pages: an AdaRound step allocates and frees activations of ~100 MB, and
+# Large CPU tensors on transparent huge pages: an AdaRound step allocates and frees activations of ~150 MB, and
 # faulting them in 4 KB pages costs as much as the arithmetic on EfficientNet-Lite0's 112 x 112 layers
-# (scripts/bench_adaround_memory.py). PyTorch reads the variable once, at its first allocation, so it applies where clebench is imported before
-# torch, as in the CLI; THP_MEM_ALLOC_ENABLE=0 turns it off.
+# (scripts/bench_adaround_memory.py). PyTorch reads the variable once, at its first allocation, so it applies where
+# clebench is imported before torch, as in the CLI; THP_MEM_ALLOC_ENABLE=0 turns it off.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from clebench.evaluation import evaluate  # noqa: E402
