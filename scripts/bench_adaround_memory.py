@@ -6,8 +6,8 @@ Two EfficientNet-Lite0-like layers at 112 x 112 with ReLU6 after them (a 16 -> 9
 3 x 3 depthwise conv; random weights and inputs) run `--iterations` AdaRound steps on W4 per-tensor weights, batch 32
 of `--images` samples, in four variants:
 
-* THP on / off: PyTorch's THP_MEM_ALLOC_ENABLE (clebench sets it to 1 when it is imported before torch). PyTorch
-  reads it at its first allocation, so each measurement runs in a fresh process;
+* THP on / off: PyTorch's THP_MEM_ALLOC_ENABLE (transparent huge pages for large CPU tensors). PyTorch reads it
+  at its first allocation, so each measurement runs in a fresh process;
 * loss written out / autograd: clebench's `_SquaredError` or the composed `reconstruction_loss`.
 
 The variants run interleaved, `--repeats` times; the script prints the median milliseconds per step, the ratios
