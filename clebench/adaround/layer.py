@@ -78,7 +78,12 @@ def _number(value: object) -> bool:
 
 def reconstruction_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Squared error summed over axis 1 (channels), averaged over the other axes."""
-    return (output - target).pow(2).sum() * (output.shape[1] / output.numel())
+    return (output - target).pow(2).sum() * _averaging_scale(output)
+
+
+def _averaging_scale(output: torch.Tensor) -> float:
+    """1 / the number of positions the loss averages over: channels (axis 1) / all elements."""
+    return output.shape[1] / output.numel()
 
 
 class _SquaredError(torch.autograd.Function):
@@ -98,12 +103,12 @@ class _SquaredError(torch.autograd.Function):
         total = output.new_zeros(())
         for out, tgt in zip(*_slices(output, target)):
             total += (out - tgt).pow(2).sum()
-        return total * (output.shape[1] / output.numel())
+        return total * _averaging_scale(output)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         output, target = ctx.saved_tensors
-        factor = grad * (output.shape[1] / output.numel())
+        factor = grad * _averaging_scale(output)
         grad_output = torch.empty_like(output)
         for out, tgt, result in zip(*_slices(output, target, grad_output)):
             torch.mul(factor, 2 * (out - tgt), out=result)
