@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from clebench.adaround import AdaroundSettings
 from clebench.reporting.report import STEP_LABELS, read_results_table
 from clebench.sweep.results import KEY_COLUMNS
 
@@ -198,6 +199,21 @@ def adaround_aimet() -> str:
     return markdown(["model", *columns], [[MODEL_NAMES[r["model"]], *(r[c] for c in columns)] for r in rows], left=2)
 
 
+def adaround_schedule() -> str:
+    """MobileNetV2-CIFAR10's BN fold + AdaRound at W4A8 per tensor, at clebench's default AdaRound iterations
+    (results/ptq_cifar10) and at AIMET's 10,000 (results/adaround_10k_cifar10): top-1 (%) and the row's seconds."""
+    body = []
+    for folder in ("ptq_cifar10", "adaround_10k_cifar10"):
+        iterations = json.loads((ROOT / "results" / folder / "meta.json").read_text())["config"]["adaround"]["iterations"]
+        table = _results(folder)
+        row = table[table["model"] == "mobilenet_v2_cifar10"].loc[("bn_fold+adaround", "w4a8_per_tensor_minmax")]
+        body.append([f"{iterations:,}", f"{AdaroundSettings(iterations=iterations).adam_learning_rate:g}",
+                     f"{row['fp32_top1']:.2f}", f"{row['quant_top1']:.2f}", f"{row['onnxruntime_top1']:.2f}",
+                     f"{row['seconds'] / 60:.0f}"])
+    return markdown(["AdaRound iterations per layer", "Adam learning rate", "FP32", "W4A8 sim", "W4A8 int8",
+                     "row minutes (AdaRound + evaluations)"], body)
+
+
 def engine_speed() -> str:
     """Speed against the torch simulation, from results/bench/engines.md (scripts/bench_engines.py)."""
     rows = {(r["model"], r["engine"]): r["vs torch sim"] for r in _markdown_rows(ROOT / "results" / "bench" / "engines.md")}
@@ -237,6 +253,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "deploy_runtimes": deploy_runtimes,
     "engine_sweeps": engine_sweeps,
     "adaround_aimet": adaround_aimet,
+    "adaround_schedule": adaround_schedule,
     "engine_speed": engine_speed,
     "simulation_cost": simulation_cost,
 }
