@@ -15,12 +15,18 @@ Every result is scored the same way: clebench's QuantSim W4A8 per tensor (AIMET'
 that tool's weight encodings frozen, activations calibrated on the same 512 images, top-1 on `--limit`
 class-balanced test images (default: all 10,000). Each AdaRound's wall and CPU seconds come from the same run
 (CPU seconds are what an otherwise idle machine would need at this thread count).
+
+With `--repeats N` the aimet and clebench calls run N times each, alternating (AIMET first in odd repeats, clebench
+first in even ones, so drift in the machine's load falls on both): the seconds are medians, every repeat's ratio is
+listed, AIMET's top-1 (it seeds nothing) is given with its range over the repeats, and every clebench repeat must
+give the same weights bit for bit (the script stops if not).
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import datetime
+import statistics
 import sys
 import tempfile
 import time
@@ -92,21 +98,53 @@ def compare_model(name: str, args: argparse.Namespace, aimet_tool, config_file: 
             model, grid, [(x,) for x in images],
             AdaroundSettings(iterations=args.iterations, learning_rate=AIMET_LEARNING_RATE)),
     }
-    top1 = {"nearest": score(model, None, images, test_loader)}
-    wall, cpu = {}, {}
-    for column, run in runs.items():
-        if column == "aimet" and aimet_tool is None:
-            continue
-        (rounded, encodings), wall[column], cpu[column] = timed(run)
-        top1[column] = score(rounded, encodings, images, test_loader)
-        print(f"  {name} {column}: top-1 {top1[column]:.2f}, {wall[column]:.0f} s wall, {cpu[column]:.0f} s CPU",
+    repeated = ["aimet", "clebench"] if aimet_tool is not None else ["clebench"]
+    schedule = [column for repeat in range(args.repeats) for column in (repeated if repeat % 2 == 0 else repeated[::-1])]
+    top1, wall, cpu = {"nearest": [score(model, None, images, test_loader)]}, {}, {}
+    first_weights = None
+    for column in schedule + ["clebench lr 1e-3"]:
+        (rounded, encodings), seconds, cpu_seconds = timed(runs[column])
+        wall.setdefault(column, []).append(seconds)
+        cpu.setdefault(column, []).append(cpu_seconds)
+        if column == "clebench":
+            weights = rounded.state_dict()
+            if first_weights is not None:
+                same = all(torch.equal(weights[key], value) for key, value in first_weights.items())
+                print(f"  {name} clebench repeat {len(wall[column])}: {seconds:.0f} s wall, same weights: {same}",
+                      flush=True)
+                if not same:
+                    raise SystemExit(f"{name}: clebench's AdaRound gave other weights in repeat {len(wall[column])}")
+                continue
+            first_weights = weights
+        top1.setdefault(column, []).append(score(rounded, encodings, images, test_loader))
+        print(f"  {name} {column}: top-1 {top1[column][-1]:.2f}, {seconds:.0f} s wall, {cpu_seconds:.0f} s CPU",
               flush=True)
-    cells = [f"{top1[c]:.2f}" if c in top1 else "-" for c in COLUMNS]
-    seconds = [f"{wall[c]:.0f} / {cpu[c]:.0f}" if c in wall else "" for c in COLUMNS]
-    ratio = (f"{wall['aimet'] / wall['clebench']:.2f}x / {cpu['aimet'] / cpu['clebench']:.2f}x"
-             if "aimet" in wall else "-")
-    return [f"| {name} | top-1 (%) | {' | '.join(cells)} | |",
-            f"| {name} | AdaRound s (wall / CPU) | {' | '.join(seconds)} | {ratio} |"]
+    return table_rows(name, top1, wall, cpu)
+
+
+def table_rows(name: str, top1: dict[str, list[float]], wall: dict[str, list[float]],
+               cpu: dict[str, list[float]]) -> list[str]:
+    """The markdown rows of one checkpoint: top-1 (first run; with repeats AIMET's range after it), seconds
+    (medians with repeats), and with repeats each repeat's AIMET / clebench wall ratio."""
+    def top1_cell(column: str) -> str:
+        if column not in top1:
+            return "-"
+        values = top1[column]
+        spread = f" ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else ""
+        return f"{values[0]:.2f}{spread}"
+
+    median = {column: (statistics.median(wall[column]), statistics.median(cpu[column])) for column in wall}
+    seconds = [f"{median[c][0]:.0f} / {median[c][1]:.0f}" if c in median else "" for c in COLUMNS]
+    ratio = (f"{median['aimet'][0] / median['clebench'][0]:.2f}x / {median['aimet'][1] / median['clebench'][1]:.2f}x"
+             if "aimet" in median else "-")
+    repeats = len(wall["clebench"])
+    measure = "AdaRound s (wall / CPU)" + (f", median of {repeats}" if repeats > 1 else "")
+    rows = [f"| {name} | top-1 (%) | {' | '.join(top1_cell(c) for c in COLUMNS)} | |",
+            f"| {name} | {measure} | {' | '.join(seconds)} | {ratio} |"]
+    if repeats > 1 and "aimet" in wall:
+        ratios = ", ".join(f"{a / c:.2f}x" for a, c in zip(wall["aimet"], wall["clebench"]))
+        rows.append(f"| {name} | wall ratio per repeat |{' |' * len(COLUMNS)} {ratios} |")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=positive_int, default=200, help="AdaRound steps per layer")
     parser.add_argument("--limit", type=positive_int, default=None, help="class-balanced test images (default: all)")
     parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=positive_int, default=1,
+                        help="time AIMET and clebench this many times each, alternating (medians, spread)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -129,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
              f"W{WEIGHT_BITS}A8 per tensor, BN folded, {args.iterations} AdaRound iterations per layer, 512 CIFAR-10 "
              f"train images (8 batches of 64); top-1 on {args.limit or 'all 10,000'} test images, every column "
              "scored by clebench's QuantSim with that tool's weight encodings frozen. Seconds: the AdaRound call "
-             "only; ratio = AIMET / clebench (default learning rate).",
+             "only; ratio = AIMET / clebench (default learning rate)"
+             + (f"; aimet and clebench ran {args.repeats} times each, alternating: seconds are medians, AIMET's "
+                "top-1 is the first run's with its range over the repeats in brackets, clebench's repeats gave the "
+                "same weights bit for bit." if args.repeats > 1 else "."),
              "",
              f"| model | measure | {' | '.join(COLUMNS)} | AIMET / clebench |",
              "|:--|:--|" + "--:|" * (len(COLUMNS) + 1)]
