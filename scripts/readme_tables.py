@@ -199,6 +199,23 @@ def adaround_aimet() -> str:
     return markdown(["model", *columns], [[MODEL_NAMES[r["model"]], *(r[c] for c in columns)] for r in rows], left=2)
 
 
+ADAROUND_TIME_ROW = re.compile(r"(\d+) iterations:\s+clebench\s+([\d.]+) s \(\s*([\d.]+) ms/layer-iteration\)\s+"
+                               r"aimet\s+([\d.]+) s \(\s*([\d.]+) ms/layer-iteration\)\s+AIMET / clebench ([\d.]+x)")
+ADAROUND_TIME_SLOPE = re.compile(r"marginal: clebench\s+([\d.]+) ms/layer-iteration\s+aimet\s+([\d.]+) "
+                                 r"ms/layer-iteration\s+AIMET / clebench ([\d.]+x)")
+
+
+def adaround_time() -> str:
+    """Whole-model AdaRound seconds per tool at two iteration counts and the marginal cost of one layer-iteration,
+    from results/bench/adaround_time_resnet18.txt (the output of scripts/bench_adaround.py)."""
+    text = (ROOT / "results" / "bench" / "adaround_time_resnet18.txt").read_text(encoding="utf-8")
+    rows = [[f"{int(m[1]):,} iterations per layer", f"{float(m[4]):.0f} s", f"{float(m[2]):.0f} s", m[6]]
+            for m in ADAROUND_TIME_ROW.finditer(text)]
+    slope = ADAROUND_TIME_SLOPE.search(text)
+    rows.append(["one more iteration of one layer (slope)", f"{slope[2]} ms", f"{slope[1]} ms", slope[3]])
+    return markdown(["ResNet18, all 21 layers", "AIMET", "clebench", "AIMET / clebench"], rows)
+
+
 def adaround_schedule() -> str:
     """MobileNetV2-CIFAR10's BN fold + AdaRound at W4A8 per tensor, at clebench's default AdaRound iterations
     (results/ptq_cifar10) and at AIMET's 10,000 (results/adaround_10k_cifar10): top-1 (%) and the row's seconds."""
@@ -254,6 +271,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "engine_sweeps": engine_sweeps,
     "adaround_aimet": adaround_aimet,
     "adaround_schedule": adaround_schedule,
+    "adaround_time": adaround_time,
     "engine_speed": engine_speed,
     "simulation_cost": simulation_cost,
 }

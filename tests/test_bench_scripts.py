@@ -1,6 +1,7 @@
 """The peer benchmarks: one script each, sharing scripts/_peers.py, merging their sections into one results table."""
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,19 @@ def test_cle_time_replaces_its_own_section_and_keeps_the_others(tmp_path, models
     assert set(measured["measure"]) == {"first call", "repeated call"} and (measured["value"] > 0).all()
     markdown = (tmp_path / "peers.md").read_text()
     assert markdown.index("## cle-time") < markdown.index("## sweep") and "stale" not in markdown
+
+
+def test_adaround_comparison_gives_medians_every_repeats_ratio_and_aimets_top1_range(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    compare = importlib.import_module("compare_aimet_adaround")
+    top1 = {"nearest": [80.0], "aimet": [90.1, 90.4, 90.2], "clebench": [91.0], "clebench lr 1e-3": [90.0]}
+    wall = {"aimet": [10.0, 40.0, 20.0], "clebench": [5.0, 10.0, 10.0], "clebench lr 1e-3": [7.0]}
+    cpu = {"aimet": [20.0, 80.0, 40.0], "clebench": [10.0, 20.0, 30.0], "clebench lr 1e-3": [14.0]}
+    assert compare.table_rows("m", top1, wall, cpu) == [
+        "| m | top-1 (%) | 80.00 | 90.10 (90.10-90.40) | 91.00 | 90.00 | |",
+        "| m | AdaRound s (wall / CPU), median of 3 |  | 20 / 40 | 10 / 20 | 7 / 14 | 2.00x / 2.00x |",
+        "| m | wall ratio per repeat | | | | | 2.00x, 4.00x, 2.00x |",
+    ]
+    once = compare.table_rows("m", {"nearest": [80.0], "clebench": [91.0]}, {"clebench": [5.0]}, {"clebench": [9.0]})
+    assert once == ["| m | top-1 (%) | 80.00 | - | 91.00 | - | |",
+                    "| m | AdaRound s (wall / CPU) |  |  | 5 / 9 |  | - |"]
