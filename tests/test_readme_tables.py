@@ -1,6 +1,7 @@
 """The README's tables come from the committed results (scripts/readme_tables.py): CI fails when they disagree."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import subprocess
 import sys
@@ -58,3 +59,16 @@ def test_ptq_ladder_picks_the_models_cls_step_and_subtracts_adaround_without_cle
     assert "| MobileNetV2 | BN fold | — | — |" in lines
     assert "| MobileNetV2 | CLE's gain after AdaRound (points) |  | — |" in lines
     assert "| MobileNetV2 | AdaRound rows' seconds, with / without CLE |  | 1 / — |" in lines
+
+
+def test_the_adaround_time_table_reads_back_what_bench_adaround_prints(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    bench = importlib.import_module("bench_adaround")
+    tables = _module()
+    seconds = {("clebench", 200): 60.0, ("aimet", 200): 130.0, ("clebench", 1000): 280.0, ("aimet", 1000): 514.0}
+    text = "\n".join([bench.format_row(seconds, 200, 21), bench.format_row(seconds, 1000, 21),
+                       bench.format_slope(seconds, 200, 1000, 21)])
+    rows = [m.groups() for m in tables.ADAROUND_TIME_ROW.finditer(text)]
+    assert [(r[0], r[1], r[3], r[5]) for r in rows] == [("200", "60.0", "130.0", "2.17x"), ("1000", "280.0", "514.0", "1.84x")]
+    # marginal ms per layer-iteration: (280 - 60) / (21 x 800) s and (514 - 130) / (21 x 800) s
+    assert tables.ADAROUND_TIME_SLOPE.search(text).groups() == ("13.1", "22.9", "1.75x")
