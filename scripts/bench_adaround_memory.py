@@ -24,14 +24,16 @@ import statistics
 import subprocess
 import sys
 
+from clebench.cli import positive_int
+
 LAYERS = {"pointwise 16->96": (16, 96, 1, 1), "depthwise 96 3x3": (96, 96, 3, 96)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--iterations", type=int, default=10, help="timed AdaRound steps per measurement")
-    parser.add_argument("--images", type=int, default=256, help="cached samples the steps draw batches of 32 from")
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--iterations", type=positive_int, default=10, help="timed AdaRound steps per measurement")
+    parser.add_argument("--images", type=positive_int, default=256, help="cached samples the steps draw batches of 32 from")
     parser.add_argument("--child", nargs=3, metavar=("LAYER", "LOSS", "THP"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
