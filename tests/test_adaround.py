@@ -71,6 +71,37 @@ def test_soft_rounding_value_and_gradient_equal_the_composed_formulas(beta, per_
     assert (grad == 0).any() and (grad != 0).any()
 
 
+def test_the_grid_clamp_is_skipped_only_on_rows_whose_weights_cannot_leave_the_grid():
+    from clebench.adaround.rounding import CPU_SLICE
+
+    # 60,000 rows of 9 weights: three slices on a CPU. Only the last row holds weights at the grid's ends.
+    torch.manual_seed(0)
+    weight = torch.rand(60_000, 1, 3, 3) - 0.5
+    weight[-1, 0, 0, :] = torch.tensor([-3.0, 2.9, 3.0])
+    assert weight.numel() > 2 * CPU_SLICE
+    encoding = weight_encoding(_conv_with(weight), QuantConfig(weight_bits=4, act_bits=None, aimet_rules=True))
+    rounding = RoundingVariable(weight, encoding)
+    assert not rounding.may_clamp(slice(0, 59_999)) and rounding.may_clamp(slice(59_990, 60_000))
+    for fill in (-10.0, 10.0):  # every weight rounds down, then up: the largest one would pass quant_max
+        with torch.no_grad():
+            rounding.v.fill_(fill)
+        soft, _ = rounding.soft(2.0)
+        assert torch.equal(soft, rounding.dequantize(rectified_sigmoid(rounding.v)))
+        levels = soft / encoding.scale + encoding.zero_point
+        assert encoding.quant_min <= levels.min() and levels.max() <= encoding.quant_max
+    assert (soft[-1, 0, 0, 2] / encoding.scale).item() == pytest.approx(encoding.quant_max - encoding.zero_point)
+    with torch.no_grad():  # h inside (0, 1): where sigmoid * 1.2 - 0.1 is within an ulp of 0 or 1, the clamp's
+        rounding.v.uniform_(-2.3, 2.3)  # gradient depends on that ulp (the other test covers clamped h)
+    upstream = torch.randn_like(weight)
+    soft, regularizer = rounding.soft(4.0)
+    (grad,) = torch.autograd.grad((soft * upstream).sum() + 0.1 * regularizer, rounding.v)
+    h = rectified_sigmoid(rounding.v)
+    composed = rounding.dequantize(h)
+    (expected,) = torch.autograd.grad((composed * upstream).sum() + 0.1 * rounding_regularizer(h, 4.0), rounding.v)
+    assert torch.allclose(soft, composed, atol=1e-6)  # not equal: a vector loop's scalar tail rounds sigmoid apart
+    assert torch.allclose(grad, expected, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("activation", [None, nn.ReLU6()])
 def test_the_written_out_squared_error_has_autograds_gradient_bit_for_bit(activation):
     from clebench.adaround.layer import _SquaredError, reconstruction_loss

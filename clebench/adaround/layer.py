@@ -140,8 +140,9 @@ def optimize_layer(layer: nn.Module, encoding: Encoding, inputs: torch.Tensor, t
 
         def loss(weight: torch.Tensor) -> torch.Tensor:
             index = torch.randperm(count, generator=generator)[: settings.batch_size]
-            output = functional_call(layer, {"weight": weight}, (inputs[index],))
-            return _SquaredError.apply(output if activation is None else activation(output), targets[index])
+            output = functional_call(layer, {"weight": weight}, (inputs.index_select(0, index),))
+            return _SquaredError.apply(output if activation is None else activation(output),
+                                       targets.index_select(0, index))
     else:
         second, cross, constant = moments
 

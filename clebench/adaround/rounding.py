@@ -74,27 +74,36 @@ class _SoftRounding(torch.autograd.Function):
 def _soft_rows(v: torch.Tensor, rounding: RoundingVariable, part: slice, beta: float | None, weight: torch.Tensor,
                weight_slope: torch.Tensor, reg_slope: torch.Tensor | None) -> torch.Tensor:
     """Write soft(V), d soft / dV and d f_reg / dV of the rows `part` (v = V[part]) into the given views; return
-    their share of f_reg."""
+    their share of f_reg.
+
+    Masks are float 0 / 1 (a comparison into a float tensor is vectorized, one into bool is not), and the grid's
+    clamp runs only on rows that can reach the grid's ends: same values as the composed formulas, bit for bit."""
     def rows(grid: torch.Tensor) -> torch.Tensor:  # a per-channel grid on axis 0 is sliced, others broadcast
         return grid[part] if grid.shape[0] > 1 else grid
 
     scale = rows(rounding.scale)
     sigmoid = torch.sigmoid(v)
-    stretched = sigmoid * (ZETA - GAMMA) + GAMMA
+    stretched = (sigmoid * (ZETA - GAMMA)).add_(GAMMA)
     h = stretched.clamp(0.0, 1.0)
     # dh/dV = (zeta - gamma) sigmoid (1 - sigmoid) where the clamp passes its input (autograd's convention)
-    slope = (1 - sigmoid).mul_(sigmoid).mul_((ZETA - GAMMA) * (h == stretched))
+    passed = torch.eq(h, stretched, out=stretched)
+    slope = (1 - sigmoid).mul_(sigmoid).mul_(passed).mul_(ZETA - GAMMA)
     level = h + rounding.floor[part]
-    clamped = level.clamp(rounding.quant_min, rounding.quant_max)
-    torch.mul(slope * scale, clamped == level, out=weight_slope)
-    torch.mul(clamped.sub_(rows(rounding.zero_point)), scale, out=weight)
+    if rounding.may_clamp(part):
+        clamped = level.clamp(rounding.quant_min, rounding.quant_max)
+        torch.mul(slope * scale, torch.eq(clamped, level, out=level), out=weight_slope)
+        level = clamped
+    else:  # floor + h lies in [floor, floor + 1], inside the grid
+        torch.mul(slope, scale, out=weight_slope)
+    torch.mul(level.sub_(rows(rounding.zero_point)), scale, out=weight)
     if beta is None:
         return v.new_zeros(())
-    centered = 2 * h - 1
+    centered = h.mul_(2).sub_(1)
     magnitude = centered.abs()
     power = magnitude.pow(beta - 1)  # times |2h - 1|: the regularizer's |2h - 1|^beta
-    torch.mul(torch.copysign(power, centered), slope * (-2 * beta), out=reg_slope)
-    return magnitude.numel() - torch.dot(power.flatten(), magnitude.flatten())
+    share = magnitude.numel() - torch.dot(power.flatten(), magnitude.flatten())
+    torch.copysign(power, centered, out=reg_slope).mul_(slope.mul_(-2 * beta))
+    return share
 
 
 class RoundingVariable:
@@ -116,6 +125,8 @@ class RoundingVariable:
         self.floor = torch.floor(scaled) + self.zero_point  # integer level of rounding down, zero point included
         fraction = (scaled - torch.floor(scaled)).clamp(0.0, 1.0)
         self.v = (-torch.log((ZETA - GAMMA) / (fraction - GAMMA) - 1)).requires_grad_(True)
+        outside = (self.floor < self.quant_min) | (self.floor + 1 > self.quant_max)
+        self._clamping_rows = outside.reshape(outside.shape[0], -1).any(1).tolist()
 
     def dequantize(self, h: torch.Tensor) -> torch.Tensor:
         """The weight with each element rounded up by h in [0, 1] (h = 0: down, 1: up), on the grid's range."""
@@ -124,6 +135,10 @@ class RoundingVariable:
     def soft(self, beta: float | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(dequantize(h(V)), rounding_regularizer(h(V), beta), 0 for beta None), both differentiable in V."""
         return _SoftRounding.apply(self.v, self, beta)
+
+    def may_clamp(self, rows: slice) -> bool:
+        """Whether some weight in `rows` (of axis 0) can round to a level outside the grid's range."""
+        return any(self._clamping_rows[rows])
 
     def hard(self) -> torch.Tensor:
         """The weight rounded down where V < 0 and up where V >= 0 (no gradient)."""
