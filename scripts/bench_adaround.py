@@ -1,31 +1,39 @@
 """AdaRound time: clebench's against AIMET's (aimet-torch 2.42), same API call, iterations and data, same run.
 
     python scripts/bench_adaround.py [--models mobilenet_v2_cifar10 resnet18_cifar10] [--layers 4]
-        [--iterations 20 100] [--images 256] [--batch-size 64] [--threads 1]
+        [--iterations 20 100] [--images 256] [--batch-size 64] [--threads 1] [--repeats 3]
 
 Both tools get the same BN-folded CIFAR-10 checkpoint and run `Adaround.apply_adaround` with W4 per-tensor weights
 (AIMET's per-tensor default_config.json, quant scheme "tf") on the same `--images` CIFAR-10 train images. To fit a
 few minutes of CPU, only `--layers` conv / linear layers spread evenly over the depth are rounded; the others are in
 `ignore_quant_ops_list` for both tools (they stay FP32). Per iteration count the script prints each tool's seconds
 and milliseconds per layer-iteration (total / (layers x iterations), data caching included); with two iteration
-counts also the marginal cost of one layer-iteration (the slope), and the ratios AIMET / clebench. Without
-aimet-torch it times clebench alone and says so.
+counts also the marginal cost of one layer-iteration (the slope), and the ratios AIMET / clebench. With --repeats N
+each tool runs N times per iteration count, alternating which goes first (the machine's speed drifts): seconds are
+medians, and each repeat's ratio is listed. Last, the convolution alone: each layer's forward and weight gradient
+on one step's samples, which a sampled step of either tool computes, so the part of the slope that neither can save
+without changing the step (timed before and after the AdaRound runs; the mean). Without aimet-torch it times
+clebench alone and says so.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import logging
+import statistics
+import sys
 import tempfile
 import warnings
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 import _peers
 
 from clebench import layers
 from clebench.adaround.adaround_weight import Adaround, AdaroundParameters
+from clebench.adaround.layer import DEFAULT_BATCH_SIZE
 from clebench.batch_norm_fold import fold_all_batch_norms
 from clebench.cli import positive_int
 from clebench.models import model_preprocessing
@@ -42,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--bits", type=int, default=4, help="weight bits (AIMET needs >= 4)")
     parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=positive_int, default=1,
+                        help="runs per tool and iteration count, alternating which tool goes first; seconds are medians")
     return parser.parse_args(argv)
 
 
@@ -63,6 +73,31 @@ def run(tool, model: nn.Module, images: list[torch.Tensor], iterations: int, arg
             model, images[0][:1], params, folder, "bench", default_param_bw=args.bits,
             ignore_quant_ops_list=others, default_quant_scheme=tool.QuantScheme.post_training_tf,
             default_config_file=config_file))
+
+
+def convolution_ms(model: nn.Module, images: list[torch.Tensor], kept: list[str], repeats: int = 20) -> float:
+    """Milliseconds of one layer's forward and weight gradient (bias gradient included, as in a step) on
+    DEFAULT_BATCH_SIZE samples of its FP32 inputs, mean over the layers `kept`."""
+    model = copy.deepcopy(model)
+    modules = dict(model.named_modules())
+    inputs = {}
+    hooks = [modules[name].register_forward_pre_hook(lambda _, args, name=name: inputs.__setitem__(name, args[0]))
+             for name in kept]
+    with torch.no_grad():
+        model(torch.cat(images)[:DEFAULT_BATCH_SIZE])
+    for hook in hooks:
+        hook.remove()
+    total = 0.0
+    for name in kept:
+        layer, weight = modules[name], modules[name].weight.detach().clone().requires_grad_()
+
+        def step() -> None:
+            output = functional_call(layer, {"weight": weight}, (inputs[name],))
+            output.backward(torch.ones_like(output))
+
+        step()
+        total += _peers.timed(lambda: [step() for _ in range(repeats)]) / repeats
+    return 1000 * total / len(kept)
 
 
 def load_aimet_adaround():
@@ -98,19 +133,37 @@ def main(argv: list[str] | None = None) -> int:
         kept = chosen_layers(model, args.layers)
         print(f"{name}: W{args.bits} per tensor, {sum(len(x) for x in images)} images in batches of "
               f"{args.batch_size}, layers {kept}")
-        seconds = {}
+        runs = {}
+        convolution = convolution_ms(model, images, kept)
+        for repeat in range(args.repeats):
+            tools = (("clebench", ours), ("aimet", theirs))
+            for iterations in args.iterations:
+                for label, tool in tools if repeat % 2 == 0 else tools[::-1]:
+                    if tool is not None:
+                        runs.setdefault((label, iterations), []).append(
+                            run(tool, model, images, iterations, args, kept, config_file))
+                        print(f"  ({label}, {iterations} iterations, run {repeat + 1} of {args.repeats}: "
+                              f"{runs[label, iterations][-1]:.1f} s)", file=sys.stderr, flush=True)
+        seconds = medians(runs)
         for iterations in args.iterations:
-            for label, tool in (("clebench", ours), ("aimet", theirs)):
-                if tool is not None:
-                    seconds[label, iterations] = run(tool, model, images, iterations, args, kept,
-                                                     config_file)
-            print(format_row(seconds, iterations, len(kept)), flush=True)
+            print(format_row(seconds, iterations, len(kept), per_repeat(runs, iterations)), flush=True)
         if len(args.iterations) > 1:
             print(format_slope(seconds, args.iterations[0], args.iterations[-1], len(kept)), flush=True)
+        print(format_convolution((convolution + convolution_ms(model, images, kept)) / 2), flush=True)
     return 0
 
 
-def format_row(seconds: dict, iterations: int, count: int) -> str:
+def medians(runs: dict) -> dict:
+    """{(tool, iterations): median seconds} of {(tool, iterations): [seconds per repeat]}."""
+    return {key: statistics.median(values) for key, values in runs.items()}
+
+
+def per_repeat(runs: dict, iterations: int) -> list[float]:
+    """AIMET / clebench seconds of each repeat at `iterations` (empty without AIMET)."""
+    return [aimet / ours for aimet, ours in zip(runs.get(("aimet", iterations), []), runs[("clebench", iterations)])]
+
+
+def format_row(seconds: dict, iterations: int, count: int, ratios: list[float] = ()) -> str:
     parts = [f"  {iterations:>6} iterations:"]
     for label in ("clebench", "aimet"):
         if (label, iterations) in seconds:
@@ -118,6 +171,8 @@ def format_row(seconds: dict, iterations: int, count: int) -> str:
             parts.append(f"{label} {value:7.1f} s ({1000 * value / (count * iterations):6.1f} ms/layer-iteration)")
     if ("aimet", iterations) in seconds:
         parts.append(f"AIMET / clebench {seconds['aimet', iterations] / seconds['clebench', iterations]:.2f}x")
+    if len(ratios) > 1:
+        parts.append("(per repeat " + ", ".join(f"{ratio:.2f}x" for ratio in ratios) + ")")
     return "  ".join(parts)
 
 
@@ -128,6 +183,11 @@ def format_slope(seconds: dict, low: int, high: int, count: int) -> str:
     if "aimet" in slopes:
         text += f"  AIMET / clebench {slopes['aimet'] / slopes['clebench']:.2f}x"
     return text
+
+
+def format_convolution(milliseconds: float) -> str:
+    return (f"  convolution alone: {milliseconds:6.1f} ms/layer-iteration (forward and weight gradient on "
+            f"{DEFAULT_BATCH_SIZE} samples, mean over the layers; timed before and after the runs, mean)")
 
 
 if __name__ == "__main__":

@@ -200,19 +200,27 @@ def adaround_aimet() -> str:
 
 
 ADAROUND_TIME_ROW = re.compile(r"(\d+) iterations:\s+clebench\s+([\d.]+) s \(\s*([\d.]+) ms/layer-iteration\)\s+"
-                               r"aimet\s+([\d.]+) s \(\s*([\d.]+) ms/layer-iteration\)\s+AIMET / clebench ([\d.]+x)")
+                               r"aimet\s+([\d.]+) s \(\s*([\d.]+) ms/layer-iteration\)\s+AIMET / clebench ([\d.]+x)"
+                               r"(?:\s+\(per repeat ([^)]*)\))?")
 ADAROUND_TIME_SLOPE = re.compile(r"marginal: clebench\s+([\d.]+) ms/layer-iteration\s+aimet\s+([\d.]+) "
                                  r"ms/layer-iteration\s+AIMET / clebench ([\d.]+x)")
+ADAROUND_TIME_CONVOLUTION = re.compile(r"convolution alone:\s+([\d.]+) ms/layer-iteration")
 
 
 def adaround_time() -> str:
-    """Whole-model AdaRound seconds per tool at two iteration counts and the marginal cost of one layer-iteration,
-    from results/bench/adaround_time_resnet18.txt (the output of scripts/bench_adaround.py)."""
+    """Whole-model AdaRound seconds per tool at two iteration counts (with each repeat's ratio), the marginal cost of
+    one layer-iteration and of its convolution alone, from results/bench/adaround_time_resnet18.txt (the output of
+    scripts/bench_adaround.py)."""
     text = (ROOT / "results" / "bench" / "adaround_time_resnet18.txt").read_text(encoding="utf-8")
-    rows = [[f"{int(m[1]):,} iterations per layer", f"{float(m[4]):.0f} s", f"{float(m[2]):.0f} s", m[6]]
-            for m in ADAROUND_TIME_ROW.finditer(text)]
+    rows = [[f"{int(m[1]):,} iterations per layer", f"{float(m[4]):.0f} s", f"{float(m[2]):.0f} s",
+             m[6] + (f" (per repeat {m[7]})" if m[7] else "")] for m in ADAROUND_TIME_ROW.finditer(text)]
     slope = ADAROUND_TIME_SLOPE.search(text)
     rows.append(["one more iteration of one layer (slope)", f"{slope[2]} ms", f"{slope[1]} ms", slope[3]])
+    convolution = ADAROUND_TIME_CONVOLUTION.search(text)[1]
+    rows.append(["the layer's convolution alone (forward + weight gradient on 32 samples), part of every sampled step",
+                 f"{convolution} ms", f"{convolution} ms", ""])
+    rows.append(["slope ratio if a clebench step were its convolution alone (AIMET's slope / convolution)", "", "",
+                 f"{float(slope[2]) / float(convolution):.2f}x"])
     return markdown(["ResNet18, all 21 layers", "AIMET", "clebench", "AIMET / clebench"], rows)
 
 

@@ -57,3 +57,14 @@ def test_adaround_comparison_gives_medians_every_repeats_ratio_and_aimets_top1_r
     once = compare.table_rows("m", {"nearest": [80.0], "clebench": [91.0]}, {"clebench": [5.0]}, {"clebench": [9.0]})
     assert once == ["| m | top-1 (%) | 80.00 | - | 91.00 | - | |",
                     "| m | AdaRound s (wall / CPU) |  |  | 5 / 9 |  | - |"]
+
+
+def test_adaround_timing_gives_median_seconds_and_every_repeats_ratio(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    bench = importlib.import_module("bench_adaround")
+    runs = {("clebench", 200): [5.0, 10.0, 10.0], ("aimet", 200): [10.0, 40.0, 20.0]}
+    seconds = bench.medians(runs)
+    assert seconds == {("clebench", 200): 10.0, ("aimet", 200): 20.0}
+    row = bench.format_row(seconds, 200, 2, bench.per_repeat(runs, 200))
+    assert row.endswith("AIMET / clebench 2.00x  (per repeat 2.00x, 4.00x, 2.00x)")
+    assert "clebench    10.0 s (  25.0 ms/layer-iteration)" in row  # 10 s / (2 layers x 200 iterations)

@@ -66,9 +66,11 @@ def test_the_adaround_time_table_reads_back_what_bench_adaround_prints(monkeypat
     bench = importlib.import_module("bench_adaround")
     tables = _module()
     seconds = {("clebench", 200): 60.0, ("aimet", 200): 130.0, ("clebench", 1000): 280.0, ("aimet", 1000): 514.0}
-    text = "\n".join([bench.format_row(seconds, 200, 21), bench.format_row(seconds, 1000, 21),
-                       bench.format_slope(seconds, 200, 1000, 21)])
+    text = "\n".join([bench.format_row(seconds, 200, 21, [2.2, 2.1, 2.0]), bench.format_row(seconds, 1000, 21),
+                       bench.format_slope(seconds, 200, 1000, 21), bench.format_convolution(11.94)])
     rows = [m.groups() for m in tables.ADAROUND_TIME_ROW.finditer(text)]
-    assert [(r[0], r[1], r[3], r[5]) for r in rows] == [("200", "60.0", "130.0", "2.17x"), ("1000", "280.0", "514.0", "1.84x")]
+    assert [(r[0], r[1], r[3], r[5], r[6]) for r in rows] == [("200", "60.0", "130.0", "2.17x", "2.20x, 2.10x, 2.00x"),
+                                                              ("1000", "280.0", "514.0", "1.84x", None)]
     # marginal ms per layer-iteration: (280 - 60) / (21 x 800) s and (514 - 130) / (21 x 800) s
     assert tables.ADAROUND_TIME_SLOPE.search(text).groups() == ("13.1", "22.9", "1.75x")
+    assert tables.ADAROUND_TIME_CONVOLUTION.search(text)[1] == "11.9"
