@@ -7,7 +7,8 @@ Forward fold, BN -> layer (exact only without padding, groups or transposition),
 c = beta - mu * a:
     W'[:, i] = W[:, i] * a[i]
     b'       = b + sum_{i, kernel} W[:, i, kernel] * c[i]
-Each folded BN is replaced by nn.Identity. A layer without bias gets one.
+Each folded BN is replaced by nn.Identity; a BN with its own activation (timm's BatchNormAct2d) by that activation
+(clebench.foreign_layers), and it folds backward only. A layer without bias gets one.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from clebench import graph, layers
+from clebench import foreign_layers, graph, layers
 from clebench.layers import describe
 
 LayerBnPair = tuple[nn.Module, nn.Module]
@@ -59,6 +60,11 @@ def _check_pair(
     elif isinstance(first, layers.BN_TYPES) and layers.is_layer(second):
         direction, bn, layer = "forward", first, second
         channels = layers.in_channels(layer)
+        if foreign_layers.is_norm_act(bn):
+            raise ValueError(
+                f"cannot fold {names.get(bn, describe(bn))} forward into {names.get(layer, describe(layer))}: its "
+                f"activation ({type(bn.act).__name__}) sits between the BN and the layer"
+            )
         if not graph.forward_foldable(layer):
             raise ValueError(
                 f"cannot fold {names.get(bn, describe(bn))} forward into {names.get(layer, describe(layer))}: "
@@ -114,7 +120,7 @@ def _apply(model: nn.Module, checked: list[tuple[str, nn.Module, nn.Module]], na
             fold_backward(layer, bn)
         else:
             fold_forward(bn, layer)
-        graph.set_submodule(model, names[bn], nn.Identity())
+        graph.set_submodule(model, names[bn], foreign_layers.folded_replacement(bn))
 
 
 def fold_all_batch_norms(

@@ -5,6 +5,9 @@
 max_c r_c / min_c r_c before and after (clebench.ranges.range_ratio), the growth of the per-channel activation
 ranges that feed the set's second (and third) layer on calibration data, and the bias high-bias folding absorbed.
 
+`region_rows`: one row per region of region equalization (clebench.region_equalization): its source and sink
+layers, its channels and its final scale (min / median / max over channels).
+
 `skipped_layers`: every conv / linear layer in no set, with the reason, found by walking the same predicates
 `clebench.graph.find_cls_chains` walks (sole_user, is_scalable, ops.activation_kind, ops.is_identity), so a layer has no
 output-side reason exactly when the discovery found a hop out of it (tested on the zoo models).
@@ -20,6 +23,7 @@ from torch import fx, nn
 
 from clebench import graph, layers, ops, ranges
 from clebench.cross_layer_equalization import ClsSetInfo
+from clebench.region_equalization import Region
 from clebench.quant.sim import batch_inputs
 
 CLE_SET_COLUMNS = [
@@ -28,6 +32,7 @@ CLE_SET_COLUMNS = [
     "act_range_growth_median", "act_range_growth_max", "act_tensor_range_growth",
     "hbf", "hbf_channels", "absorbed_bias_max",
 ]  # fmt: skip
+REGION_COLUMNS = ["region", "sources", "sinks", "channels", "scale_min", "scale_median", "scale_max"]
 SKIPPED_COLUMNS = ["layer", "kind", "reason", "output_side", "input_side"]
 SKIP_REASONS = {
     "not_scalable": "a grouped (not depthwise) conv: CLS cannot scale it",
@@ -167,6 +172,12 @@ def skipped_layers(model: nn.Module, relu6: str, scaled: Iterable[str]) -> pd.Da
 def channel_ranges_at(model: nn.Module, layer_names: Sequence[str], batches: Iterable) -> dict[str, torch.Tensor]:
     """{layer: per-channel range (max - min) of its input over `batches`}, shape [C_in] each (channel axis 1, or -1
     for a Linear), from eval-mode FP32 forward passes."""
+    return {name: high - low for name, (low, high) in channel_extrema_at(model, layer_names, batches).items()}
+
+
+def channel_extrema_at(model: nn.Module, layer_names: Sequence[str], batches: Iterable) -> dict[str, torch.Tensor]:
+    """{layer: per-channel (min, max) of its input over `batches`}, shape [2, C_in] each (row 0 the minima; channel
+    axis 1, or -1 for a Linear), from eval-mode FP32 forward passes."""
     wanted = set(layer_names)
     found: dict[str, torch.Tensor] = {}
 
@@ -195,7 +206,7 @@ def channel_ranges_at(model: nn.Module, layer_names: Sequence[str], batches: Ite
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    return {name: (value[1] - value[0]).cpu() for name, value in found.items()}
+    return {name: value.cpu() for name, value in found.items()}
 
 
 def _set_layer_names(info: ClsSetInfo, names: dict[int, str]) -> list[str]:
@@ -257,3 +268,14 @@ def cls_set_rows(infos: Sequence[ClsSetInfo], before: nn.Module, after: nn.Modul
 
 def _range_ratio(layer: nn.Module) -> float:
     return ranges.range_ratio(ranges.output_channel_rows(layer).abs().amax(dim=1))
+
+
+def region_rows(regions: Sequence[Region]) -> pd.DataFrame:
+    """One row per region with REGION_COLUMNS: sources / sinks as ", "-joined layer names (graph order), the scale
+    statistics over the region's channels (a source's output channel c was divided by the scale of channel c)."""
+    rows = [{
+        "region": index, "sources": ", ".join(region.sources), "sinks": ", ".join(region.sinks),
+        "channels": region.channels, "scale_min": region.scale.min().item(),
+        "scale_median": region.scale.quantile(0.5).item(), "scale_max": region.scale.max().item(),
+    } for index, region in enumerate(regions)]
+    return pd.DataFrame(rows, columns=REGION_COLUMNS)

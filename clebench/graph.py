@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from clebench import layers, ops
+from clebench import foreign_layers, layers, ops
 from clebench.errors import UserError
 
 Relu6Policy = Literal["replace", "keep", "clip"]
@@ -47,11 +47,13 @@ def unwrap(model: nn.Module) -> nn.Module:
 def trace(model: nn.Module) -> fx.GraphModule:
     """An fx.GraphModule over the same module objects (editing a leaf edits `model`).
 
-    A GraphModule is returned as it is, so graph edits on it stay in place.
+    A GraphModule is returned as it is, so graph edits on it stay in place. ForeignModuleError if a subclass of a
+    torch layer or BatchNorm computes something else (clebench.foreign_layers).
     """
     model = unwrap(model)
     if isinstance(model, fx.GraphModule):
         return model
+    foreign_layers.check_model(model)
     try:
         graph = _LeafTracer().trace(model)
     except Exception as error:  # fx raises many types; all mean "not symbolically traceable"
@@ -159,6 +161,8 @@ def find_bn_folds(gm: fx.GraphModule) -> BnFolds:
         bn = module_of(node, modules)
         if not (single(node) and isinstance(bn, layers.BN_TYPES)) or node.target in folded:
             continue
+        if foreign_layers.is_norm_act(bn):
+            continue  # its activation sits between the BN and the layer
         user = sole_user(node)
         layer = module_of(user, modules) if user is not None else None
         if layer is not None and single(user) and layers.is_layer(layer) and forward_foldable(layer):
@@ -296,9 +300,10 @@ def prepare_model(model: nn.Module) -> fx.GraphModule:
 
     Functional ReLU / ReLU6 / hardtanh(0, m) calls become modules and activation modules reused at several
     places are duplicated, so that per-call-site edits (ReLU6 -> per-channel clip) can be made in place.
-    The FP32 function is unchanged; `model` itself is not modified.
+    Norm + activation modules (timm's BatchNormAct2d) become a BatchNorm node and activation nodes
+    (foreign_layers.split_norm_acts). The FP32 function is unchanged; `model` itself is not modified.
     """
-    gm = trace(copy.deepcopy(unwrap(model)))
+    gm = trace(foreign_layers.split_norm_acts(copy.deepcopy(unwrap(model))))
     modules = dict(gm.named_modules())
     seen: set[str] = set()
     for node in list(gm.graph.nodes):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import importlib.util
 import math
 import os
 import platform
@@ -31,7 +32,7 @@ import torchvision
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from clebench import graph, layers, ops
+from clebench import foreign_layers, graph, layers, ops
 from clebench.batch_norm_fold import fold_all_batch_norms
 from clebench.cross_layer_equalization import ClsSetInfo, CrossLayerScaling, equalize_model
 from clebench.errors import UserError
@@ -77,7 +78,8 @@ class ZooResult:
     model: str
     input_size: int
     traceable: bool = False
-    error: str = ""  # the UntraceableModelError message, or an unexpected exception (a bug)
+    foreign: bool = False  # refused with ForeignModuleError (a layer subclass clebench cannot treat as its base)
+    error: str = ""  # the UntraceableModelError / ForeignModuleError message, or an unexpected exception (a bug)
     bn_total: int = 0
     keep: PolicyResult = field(default_factory=PolicyResult)
     clip: PolicyResult = field(default_factory=PolicyResult)
@@ -91,6 +93,8 @@ class ZooResult:
     def status(self) -> str:
         if self.problems:
             return "FAIL"
+        if self.foreign:
+            return "refused (clear error)"
         return "ok" if self.traceable else "untraceable (clear error)"
 
 
@@ -132,10 +136,46 @@ def _project_models() -> dict[str, tuple[Callable[[], nn.Module], int]]:
             "efficientnet_lite0": (_efficientnet_lite0, MIN_INPUT), "mobilenet_v2_tonylins": (_tonylins, 224)}
 
 
+# One timm CNN per family (and the variants whose layers differ: TF "same" padding, BN + activation modules, mixed
+# kernels, weight-standardized convs), checked as "timm:<name>" with random weights.
+TIMM_MODELS = (
+    "resnet18", "resnet50d", "resnext26ts", "seresnext26d_32x4d", "skresnet18", "res2net50_14w_8s", "resnest14d",
+    "cspresnet50", "cspdarknet53", "dla34", "dpn68", "densenet121", "vgg11_bn", "regnetx_002", "regnety_002",
+    "mobilenetv2_100", "mobilenetv3_large_100", "mobilenetv3_small_100", "efficientnet_b0", "efficientnet_lite0",
+    "tf_efficientnet_lite0", "tf_efficientnet_b0", "efficientnetv2_rw_t", "mixnet_s", "mnasnet_100", "semnasnet_100",
+    "fbnetc_100", "spnasnet_100", "hardcorenas_a", "tinynet_a", "lcnet_050", "ghostnet_100", "rexnet_100",
+    "ese_vovnet19b_dw", "selecsls42b", "gernet_s", "repvgg_a0", "mobileone_s0", "hrnet_w18_small", "inception_v3",
+    "xception41", "convmixer_768_32", "resnetv2_50x1_bit", "nf_resnet26",
+)
+TIMM_PREFIX = "timm:"
+# Smallest sides where timm's configs give none: inception_v3's stem leaves less than a 3x3 kernel of 64 px, as
+# torchvision's inception_v3 (min_size 75) does.
+TIMM_MIN_INPUT = {"inception_v3": 75}
+
+
+def _timm_version() -> str:
+    import timm
+
+    return timm.__version__
+
+
+def _timm_model(name: str) -> nn.Module:
+    import timm  # the timm extra
+
+    return timm.create_model(name.removeprefix(TIMM_PREFIX), pretrained=False)
+
+
 def input_size(name: str) -> int:
-    """A project model's own input side, else max(MIN_INPUT, the smallest side its torchvision weights accept)."""
+    """A project model's own input side; a timm model's fixed input side, else MIN_INPUT (or TIMM_MIN_INPUT); else
+    max(MIN_INPUT, the smallest side its torchvision weights accept)."""
     if name in _project_models():
         return _project_models()[name][1]
+    if name.startswith(TIMM_PREFIX):
+        import timm
+
+        config = timm.models.get_pretrained_cfg(name.removeprefix(TIMM_PREFIX))
+        fixed = config is not None and config.fixed_input_size
+        return config.input_size[-1] if fixed else TIMM_MIN_INPUT.get(name.removeprefix(TIMM_PREFIX), MIN_INPUT)
     sizes = [w.meta["min_size"][0] for w in torchvision.models.get_model_weights(name)]
     return max(MIN_INPUT, min(sizes))
 
@@ -143,7 +183,12 @@ def input_size(name: str) -> int:
 def build(name: str) -> nn.Module:
     torch.manual_seed(0)
     project = _project_models().get(name)
-    model = project[0]() if project is not None else torchvision.models.get_model(name, weights=None)
+    if project is not None:
+        model = project[0]()
+    elif name.startswith(TIMM_PREFIX):
+        model = _timm_model(name)
+    else:
+        model = torchvision.models.get_model(name, weights=None)
     return randomize_batch_norms(model)
 
 
@@ -325,6 +370,8 @@ def check(model: nn.Module, name: str, size: int) -> ZooResult:
         result.export = check_export(equalized, size)
     except graph.UntraceableModelError as error:
         result.error = str(error)
+    except foreign_layers.ForeignModuleError as error:
+        result.error, result.foreign = str(error), True
     except Exception as error:  # the run must go on; an unexpected error is reported as a failure
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         result.error = f"{type(error).__name__}: {first_line}"
@@ -423,16 +470,23 @@ def render(results: list[ZooResult], command: str, threads: int, finished: bool)
     """The markdown report: header, summary, per-model table, problems and errors."""
     failures = [r for r in results if r.status == "FAIL"]
     untraceable = [r for r in results if r.status.startswith("untraceable")]
+    refused = [r for r in results if r.foreign]
+    timm_only = all(r.model.startswith(TIMM_PREFIX) for r in results)
+    exceptions = ", ".join(f"{side} for {name}" for name, side in TIMM_MIN_INPUT.items())
+    sizes = (f"S = {MIN_INPUT} ({exceptions}), or the model's fixed input size" if timm_only else
+             "S = max(64, the smallest input the model's torchvision weights accept)")
+    refusals = f", {len(refused)} refused with ForeignModuleError" if refused else ""
     lines = [
-        "# CLE coverage of the torchvision classification zoo",
+        f"# CLE coverage of the {'timm CNN families' if timm_only else 'torchvision classification zoo'}",
         "",
         f"Generated by `{command}` (scripts/zoo_coverage.py; do not edit by hand).",
         f"{'Finished' if finished else 'In progress, written'} {datetime.datetime.now().isoformat(timespec='seconds')} on "
         f"{_cpu_name()} ({os.cpu_count()} cores, {threads} torch thread(s)), "
-        f"Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}.",
+        f"Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}"
+        f"{f', timm {_timm_version()}' if timm_only else ''}.",
         "",
-        "Random weights (seed 0) with randomized BN statistics, eval mode, one 1x3xSxS input (S = max(64, the smallest input "
-        "the model's torchvision weights accept)). `rel` = max|y' - y| / max|y| against the untouched model.",
+        f"Random weights (seed 0) with randomized BN statistics, eval mode, one 1x3xSxS input ({sizes}). "
+        "`rel` = max|y' - y| / max|y| against the untouched model.",
         "",
         "- **keep**: `fold_all_batch_norms` + `CrossLayerScaling.scale_model(relu6=\"keep\")`; **clip**: "
         "`graph.prepare_model` + fold + `scale_model(relu6=\"clip\")`; both must keep rel <= 1e-4.",
@@ -447,8 +501,8 @@ def render(results: list[ZooResult], command: str, threads: int, finished: bool)
         "the share of logits further apart. Both engines compute the same ops in float32 in different orders, so a value "
         "near a rounding boundary can land one step apart, and with random weights such flips grow with depth.",
         "",
-        f"**{len(results)} models: {len(results) - len(failures) - len(untraceable)} ok, {len(untraceable)} rejected with "
-        f"UntraceableModelError, {len(failures)} FAIL. Export: {sum(r.export.exported is True for r in results)} "
+        f"**{len(results)} models: {len(results) - len(failures) - len(untraceable) - len(refused)} ok, "
+        f"{len(untraceable)} rejected with UntraceableModelError{refusals}, {len(failures)} FAIL. Export: {sum(r.export.exported is True for r in results)} "
         f"exported, {sum(r.export.exported is False for r in results)} refused; ONNX Runtime's float kernels within "
         f"{EXPORT_STEPS} output-quantizer steps of the torch simulation on every logit for "
         f"{sum(r.export.max_steps <= EXPORT_STEPS for r in results)}.**",
@@ -473,12 +527,17 @@ def render(results: list[ZooResult], command: str, threads: int, finished: bool)
         lines += ["", "## Problems", ""] + [f"- {r.model}: {'; '.join(r.problems)}" for r in failures]
     if untraceable:
         lines += ["", "## Untraceable models (the error users see)", ""] + [f"- {r.model}: {r.error}" for r in untraceable]
+    if refused:
+        lines += ["", "## Refused models: layers that are not what their class says (the error users see)", ""] + [
+            f"- {r.model}: {r.error}" for r in refused]
     return "\n".join(lines) + "\n"
 
 
 def select(patterns: list[str] | None) -> list[str]:
     """Model names matching any regex in `patterns` (all models if None); a pattern matching nothing is an error."""
     names = torchvision.models.list_models(module=torchvision.models) + list(_project_models())
+    if importlib.util.find_spec("timm") is not None:
+        names += [TIMM_PREFIX + name for name in TIMM_MODELS]
     if not patterns:
         return names
     for pattern in patterns:

@@ -22,8 +22,6 @@ from clebench.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
-EXPORT_STEPS_MEASURED = {"inception_v3": 5, "swin_v2_t": 3, "squeezenet1_0": 3}  # the handful's models past 2 steps, as measured
-
 ZOO = {  # name: (BN folds, keep (pairs, triples), clip (pairs, triples))
     "resnet18": (20, (8, 0), (8, 0)),
     "mobilenet_v2": (52, (2, 0), (2, 17)),  # ReLU6 ends chains unless it becomes a per-channel clip
@@ -64,10 +62,10 @@ def test_zoo_model_is_equalized_exactly_and_completely(name):
         return
     assert result.export.exported, result.export.error
     # ONNX Runtime's float kernels sum in another order than torch's: a value on a rounding boundary lands one step
-    # away, and through dozens of layers of random weights such flips grow (results/zoo_coverage.md)
-    assert result.export.max_steps <= EXPORT_STEPS_MEASURED.get(name, zoo_coverage.EXPORT_STEPS)
-    if name in EXPORT_STEPS_MEASURED:  # why these may exceed 2 steps: torch's own float32 sums are that far from float64
-        assert result.export.sim_float64_steps > zoo_coverage.EXPORT_STEPS
+    # away, and through dozens of layers of random weights such flips grow (results/zoo_coverage.md). How far depends
+    # on the CPU's kernels (inception_v3: 5 steps on an AVX512 CPU, 6 on an AVX2 one), so the bound is measured in the
+    # same run: ONNX Runtime may be as far from torch's float32 as torch's float32 is from float64, and no farther.
+    assert result.export.max_steps <= max(zoo_coverage.EXPORT_STEPS, result.export.sim_float64_steps)
 
 
 def conv_relu_conv() -> nn.Module:
