@@ -40,7 +40,7 @@ def folder(tmp_path: Path) -> Path:
 
 
 def test_list_datasets():
-    assert list_datasets() == ["cifar10", "cifar100", "imagenet", "imagenette"]
+    assert list_datasets() == ["cifar10", "cifar100", "imagenet", "imagenette", "imagefolder"]
 
 
 @pytest.mark.parametrize("limit, expected", [

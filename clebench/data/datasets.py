@@ -16,6 +16,9 @@ Data sets (``list_datasets()``), found under a data root (argument, else env CLE
   split (its results are then not held-out accuracies).
 * ``imagenette``: torchvision's Imagenette (10 ImageNet classes), splits "train" and "val" (alias "test"),
   labelled with ImageNet-1k indices; ``download=True`` fetches the 320 px version.
+* ``imagefolder``: the user's own ``<root>/<split>/<class>/<image>``, ``root`` being that data set's folder; labels
+  are model output indices from ``classes`` (``clebench.data.classes``; default: sorted folder order). Files that are
+  not images are ignored and counted (``ImageSet.ignored``, one warning per load).
 """
 import contextlib
 import dataclasses
@@ -36,12 +39,16 @@ import torchvision
 from PIL import Image
 
 from clebench.data import image_cache
+from clebench.data.classes import Classes, class_indices
 from clebench.data.decode import decode_into
+from clebench.errors import UserError
 from clebench.models import Preprocessing
+from clebench.models.preprocessing import CIFAR10_PREPROCESSING, IMAGENET_PREPROCESSING
 
-__all__ = ["ImageSet", "list_datasets", "data_root", "load_images", "to_device", "batches", "balanced_subset"]
+__all__ = ["ImageSet", "DatasetError", "list_datasets", "data_root", "dataset_preprocessing", "load_images",
+           "imagefolder_classes", "to_device", "batches", "balanced_subset"]
 
-_DATASETS = ("cifar10", "cifar100", "imagenet", "imagenette")
+_DATASETS = ("cifar10", "cifar100", "imagenet", "imagenette", "imagefolder")
 _CIFAR = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}
 _SPLIT_ALIASES = {"cifar": {"train": "train", "test": "test", "val": "test"},
                   "imagenette": {"train": "train", "val": "val", "test": "val"}}
@@ -54,6 +61,9 @@ _IMAGENETTE_WNID_TO_IDX = {
     "n03394916": 566, "n03417042": 569, "n03425413": 571, "n03445777": 574, "n03888257": 701,
 }
 _IMAGENETTE_FOLDERS = ("imagenette2", "imagenette2-320", "imagenette2-160")
+# What a model that brings no preprocessing of its own gets (cifar100 and imagefolder: the config must say).
+_DEFAULT_PREPROCESSING = {"cifar10": CIFAR10_PREPROCESSING, "imagenet": IMAGENET_PREPROCESSING,
+                          "imagenette": IMAGENET_PREPROCESSING}
 _MAX_LISTED = 5
 _RESIDENT_CHUNK = 1024  # images per copy when moving a set to the GPU
 
@@ -68,9 +78,10 @@ class ImageSet:
     labels: torch.Tensor  # int64 [N], in the label space of `label_space`
     files: list[str]  # N relative paths (ImageFolder) or "<batch folder>[<index>]" (binary CIFAR)
     name: str  # e.g. "cifar10/test"
-    label_space: str  # "cifar10", "cifar100" or "imagenet"
+    label_space: str  # "cifar10", "cifar100", "imagenet" or "imagefolder" (model output indices from `classes`)
     converted: list[str] = field(default_factory=list)  # files decoded from a non-RGB mode (greyscale, CMYK, ...)
     skipped: list[str] = field(default_factory=list)  # unreadable files left out (skip_unreadable=True)
+    ignored: list[str] = field(default_factory=list)  # files of the split's class folders that are not images
 
     def __len__(self) -> int:
         return len(self.files)
@@ -87,6 +98,7 @@ class _Source:
     open_image: Callable[[int], Image.Image]
     origin: Path  # the folder the files are in (ImageFolder) or the binary release's folder
     in_folder: bool  # files are paths relative to origin (else items of the binary release's files)
+    ignored: list[str] = field(default_factory=list)  # non-image files in the class folders, relative to origin
 
     def paths(self, indices: Sequence[int]) -> list[Path] | None:
         """Files of ``indices`` (None for a binary release)."""
@@ -102,6 +114,11 @@ class _Source:
 def list_datasets() -> list[str]:
     """Names load_images accepts."""
     return list(_DATASETS)
+
+
+def dataset_preprocessing(dataset: str) -> Preprocessing | None:
+    """The preprocessing for a model on ``dataset`` when the model has none of its own; None: the config gives it."""
+    return _DEFAULT_PREPROCESSING.get(dataset)
 
 
 def data_root(root: str | os.PathLike | None = None, *, create: bool = False) -> Path:
@@ -152,37 +169,43 @@ def balanced_subset(labels: Sequence[int], limit: int, seed: int | None = None) 
     return sorted(chosen)
 
 
+class DatasetError(UserError):
+    """A data set folder that cannot be read as asked: missing, empty, or holding no images in a class folder."""
+
+
 def _class_folders(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise ValueError(f"image folder {folder} has no class sub-folders; expected {folder}/<class>/<image>")
+        raise DatasetError(f"image folder {folder} has no class sub-folders; expected {folder}/<class>/<image>")
     return classes
 
 
-def _image_files(class_folder: Path) -> list[str]:
-    files = sorted(
-        p.name for p in class_folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in _IMAGE_EXTENSIONS
-    )
+def _image_files(class_folder: Path) -> tuple[list[str], list[str]]:
+    """(image file names, names of the other files) in ``class_folder``, sorted; hidden files are neither."""
+    visible = sorted(p.name for p in class_folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    is_image = [Path(name).suffix.lower() in _IMAGE_EXTENSIONS for name in visible]
+    files = [name for name, image in zip(visible, is_image) if image]
     if not files:
-        raise ValueError(
+        raise DatasetError(
             f"class folder {class_folder} holds no images ({', '.join(_IMAGE_EXTENSIONS)}); add images or remove it"
         )
-    return files
+    return files, [name for name, image in zip(visible, is_image) if not image]
 
 
 def _folder_source(folder: Path, name: str, label_space: str, class_to_label: Mapping[str, int]) -> _Source:
     """ImageFolder ``folder/<class>/<image>``: files sorted by label, then by file name."""
-    entries = []
+    entries, ignored = [], []
     for class_folder in _class_folders(folder):
         label = class_to_label[class_folder.name]
-        entries.extend((label, f"{class_folder.name}/{f}") for f in _image_files(class_folder))
+        images, others = _image_files(class_folder)
+        entries.extend((label, f"{class_folder.name}/{f}") for f in images)
+        ignored.extend(f"{class_folder.name}/{f}" for f in others)
     entries.sort()
     files = [f for _, f in entries]
     return _Source(name, label_space, files, [label for label, _ in entries], lambda i: Image.open(folder / files[i]),
-                   folder.resolve(), in_folder=True)
+                   folder.resolve(), in_folder=True, ignored=ignored)
 
 
 def _cifar_source(dataset: str, split: str, root: Path, download: bool) -> _Source:
@@ -288,6 +311,43 @@ def _imagenette_source(split: str, root: Path, download: bool, wnid_to_idx: Wnid
     return _folder_source(folder, f"imagenette/{split}", "imagenet", labels)
 
 
+def _split_folder(root: Path, split: str | os.PathLike) -> Path:
+    """``root/split`` of an imagefolder data set, checked to exist."""
+    if not root.is_dir():
+        raise DatasetError(f"data set root {root} (data.root) is not a folder; point it at the folder holding the "
+                           "split folders")
+    folder = root / split
+    if not folder.is_dir():
+        found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        raise DatasetError(f"split {str(split)!r} is not a folder of {root} (its folders: "
+                           f"{', '.join(found[:_MAX_LISTED]) or 'none'}); set data.eval_split / calibration_split")
+    return folder
+
+
+def imagefolder_classes(root: str | os.PathLike, splits: Sequence[str], classes: Classes | None) -> dict[str, int]:
+    """{folder: model output index} over the class folders of every split of ``root`` (sorted order by default).
+
+    Lists each split as ``load_images`` would, so a missing or empty split, a class folder without images and a
+    folder ``classes`` lacks are each a one-line DatasetError / ClassesError here, before any image is decoded.
+    """
+    folders: dict[str, None] = {}
+    for split in splits:
+        folder = _split_folder(Path(root), split)
+        names = []
+        for class_folder in _class_folders(folder):
+            _image_files(class_folder)  # raises for a class folder without images
+            names.append(class_folder.name)
+        class_indices(names, classes, str(folder))  # an unmapped folder's error names its split
+        folders.update(dict.fromkeys(names))
+    return class_indices(list(folders), classes, str(root))
+
+
+def _imagefolder_source(split: str | os.PathLike, root: Path, classes: Classes | None) -> _Source:
+    folder = _split_folder(root, split)
+    labels = class_indices([p.name for p in _class_folders(folder)], classes, str(folder))
+    return _folder_source(folder, f"{root.name}/{split}", "imagefolder", labels)
+
+
 def _decode_to_file(source: _Source, indices: list[int], preprocessing: Preprocessing, progress: bool,
                     target: Path) -> dict:
     """Decode ``indices`` of ``source`` into the ``.npy`` file ``target``, leaving out undecodable files.
@@ -354,16 +414,19 @@ def _decode_cached(source: _Source, indices: list[int], preprocessing: Preproces
 def load_images(dataset: str, split: str | os.PathLike, root: str | os.PathLike | None,
                 preprocessing: Preprocessing, *, limit: int | None = None, seed: int | None = None,
                 download: bool = False, skip_unreadable: bool = False, wnid_to_idx: WnidMap | None = None,
-                progress: bool = True, cache: bool = True, cache_dir: str | os.PathLike | None = None) -> ImageSet:
+                classes: Classes | None = None, progress: bool = True, cache: bool = True,
+                cache_dir: str | os.PathLike | None = None) -> ImageSet:
     """Decode a data set split (or a class-balanced subset of it), or map its decoded copy from the image cache.
 
-    dataset, split: see the module docstring; root: data folder (None: env CLEBENCH_DATA).
+    dataset, split: see the module docstring; root: data folder (None: env CLEBENCH_DATA), for imagefolder the
+        data set's own folder.
     preprocessing: resize and crop applied now; its mean/std are applied later by ``batches``.
     limit: keep ``balanced_subset(labels, limit, seed)`` (the first files per class unless ``seed`` is given);
         None keeps every image (``seed`` then changes nothing).
     download: let torchvision fetch cifar10 / cifar100 / imagenette when they are not under ``root``.
     skip_unreadable: leave undecodable files out (listed in ``ImageSet.skipped``) instead of raising.
     wnid_to_idx: wnid -> ImageNet-1k index (JSON file or dict) for imagenet / imagenette.
+    classes: imagefolder's folder -> output index (``clebench.data.classes``; None: sorted folder order of ``split``).
     cache: map the decoded images from the on-disk cache (``clebench.data.image_cache``), decoding them into it first if
         they are not there; False decodes into a temporary file instead. Either way ``images`` maps a file
         (copy-on-write), so a large set stays out of anonymous memory. cache_dir: the cache folder (default: env
@@ -373,21 +436,22 @@ def load_images(dataset: str, split: str | os.PathLike, root: str | os.PathLike 
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(_DATASETS)}")
     if not isinstance(preprocessing, Preprocessing):
         raise TypeError(f"preprocessing must be a clebench.models.Preprocessing, got {type(preprocessing).__name__}")
-    root_path = data_root(root, create=download)
-    if dataset in _CIFAR:
-        source = _cifar_source(dataset, split, root_path, download)
-    elif dataset == "imagenet":
-        source = _imagenet_source(split, root_path, wnid_to_idx)
+    if dataset == "imagefolder":
+        source = _imagefolder_source(split, Path(root) if root is not None else data_root(None), classes)
     else:
-        source = _imagenette_source(split, root_path, download, wnid_to_idx)
+        source = _named_source(dataset, split, data_root(root, create=download), download, wnid_to_idx)
+    if source.ignored:
+        warnings.warn(f"ignored {len(source.ignored)} files of {source.name} that are not images "
+                      f"({', '.join(_IMAGE_EXTENSIONS)}): {', '.join(source.ignored[:_MAX_LISTED])}", stacklevel=2)
     indices = list(range(len(source.files))) if limit is None else balanced_subset(source.labels, limit, seed)
     decoded = _decode_cached(source, indices, preprocessing, progress, cache_dir) if cache else None
     images, fields = decoded or _decode_uncached(source, indices, preprocessing, progress)
     skipped = [f"{file} ({error})" for file, error in fields["skipped"].items()]
     if skipped and not skip_unreadable:
-        raise ValueError(
+        raise DatasetError(
             f"{len(skipped)} of {len(indices)} images of {source.name} cannot be decoded: "
-            f"{'; '.join(skipped[:_MAX_LISTED])}; fix or delete them, or pass skip_unreadable=True to leave them out"
+            f"{'; '.join(skipped[:_MAX_LISTED])}; fix or delete them, or pass skip_unreadable=True (config: "
+            "data.skip_unreadable = true) to leave them out"
         )
     if skipped:
         warnings.warn(f"skipped {len(skipped)} unreadable images of {source.name}: "
@@ -400,7 +464,18 @@ def load_images(dataset: str, split: str | os.PathLike, root: str | os.PathLike 
         label_space=source.label_space,
         converted=fields["converted"],
         skipped=list(fields["skipped"]),
+        ignored=source.ignored,
     )
+
+
+def _named_source(dataset: str, split: str | os.PathLike, root: Path, download: bool,
+                  wnid_to_idx: WnidMap | None) -> _Source:
+    """The source of a built-in data set (all but imagefolder) under the data root ``root``."""
+    if dataset in _CIFAR:
+        return _cifar_source(dataset, split, root, download)
+    if dataset == "imagenet":
+        return _imagenet_source(split, root, wnid_to_idx)
+    return _imagenette_source(split, root, download, wnid_to_idx)
 
 
 def to_device(image_set: ImageSet, device: str | torch.device, *, max_fraction: float = 0.5) -> ImageSet:
@@ -433,9 +508,10 @@ def batches(image_set: ImageSet, batch_size: int, preprocessing: Preprocessing,
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     height, width = image_set.images.shape[-2:]
-    if (height, width) != (preprocessing.crop, preprocessing.crop):
+    if (height, width) != preprocessing.crop_size:
         raise ValueError(
-            f"{image_set.name} images are {height}x{width} but the preprocessing crops {preprocessing.crop}: "
+            f"{image_set.name} images are {height}x{width} but the preprocessing crops "
+            f"{'x'.join(map(str, preprocessing.crop_size))}: "
             "load the images with the model's preprocessing"
         )
     device = torch.device(device)

@@ -1,8 +1,8 @@
-"""Decoding image files into one uint8 [N, 3, crop, crop] array file, in parallel, pixel for pixel as PIL does.
+"""Decoding image files into one uint8 [N, 3, crop h, crop w] array file, in parallel, pixel for pixel as PIL does.
 
-Each image is decoded with PIL, converted to RGB, resized (shorter side, antialiased, through torchvision's PIL
-path) and center-cropped into a numpy buffer, and each chunk of images is written into the ``.npy`` file with one
-write: no torch op runs per image.
+Each image is decoded with PIL, converted to RGB, resized (shorter side, or to [height, width]; antialiased, through
+torchvision's PIL path) and center-cropped into a numpy buffer, and each chunk of images is written into the ``.npy``
+file with one write: no torch op runs per image.
 Torch ops inside a thread pool were what capped the old decoder (their intra-op threads multiply with the pool's,
 and they hold the GIL); PIL releases the GIL while it decodes and resizes, so threads scale on a few cores and a
 process pool (each worker writing its rows of the same file) scales past the GIL on many.
@@ -56,7 +56,10 @@ def default_workers() -> int:
 
 
 def decode_image(open_image: Opener, preprocessing: Preprocessing) -> tuple[np.ndarray | None, bool, str]:
-    """(uint8 [3, crop, crop] or None, was it converted from a non-RGB mode, error message or "") for one image."""
+    """(uint8 [3, crop h, crop w] or None, was it converted from a non-RGB mode, error message or "") for one image.
+
+    An image smaller than the crop (possible only without a resize) is an error, not padded.
+    """
     try:
         with open_image() as image:
             image.load()
@@ -64,9 +67,13 @@ def decode_image(open_image: Opener, preprocessing: Preprocessing) -> tuple[np.n
             rgb = image.convert("RGB") if converted else image  # convert() would copy an RGB image
     except (OSError, SyntaxError, Image.DecompressionBombError) as err:  # PIL's errors for broken files
         return None, False, f"{type(err).__name__}: {err}"
-    if preprocessing.resize is not None:
-        rgb = TF.resize(rgb, preprocessing.resize, interpolation=InterpolationMode(preprocessing.interpolation))
-    cropped = np.asarray(TF.center_crop(rgb, preprocessing.crop))
+    resize = preprocessing.resize_size
+    if resize is not None:
+        rgb = TF.resize(rgb, resize, interpolation=InterpolationMode(preprocessing.interpolation))
+    crop = preprocessing.crop_size
+    if rgb.height < crop[0] or rgb.width < crop[1]:
+        return None, False, f"its {rgb.height}x{rgb.width} pixels are smaller than the {crop[0]}x{crop[1]} crop"
+    cropped = np.asarray(TF.center_crop(rgb, list(crop)))
     return cropped.transpose(2, 0, 1), converted, ""
 
 
@@ -77,7 +84,7 @@ def _decode_chunk(target: str, offset: int, first_row: int, openers: Sequence[Op
     offset: byte offset of row 0 in the file. The chunk is decoded into a small buffer and written with one write
     (twice as fast as writing image by image through a memory map); failed rows are written as zeros.
     """
-    buffer = _buffer(len(openers), preprocessing.crop)
+    buffer = _buffer(len(openers), preprocessing.crop_size)
     found = Decoded()
     for k, open_image in enumerate(openers):
         image, converted, error = decode_image(open_image, preprocessing)
@@ -94,9 +101,10 @@ def _decode_chunk(target: str, offset: int, first_row: int, openers: Sequence[Op
     return found
 
 
-def _buffer(count: int, crop: int) -> np.ndarray:
-    """This thread's chunk buffer, uint8 [count, 3, crop, crop], reused: allocating one per chunk costs page faults."""
-    shape = (max(count, _CHUNK), 3, crop, crop)
+def _buffer(count: int, crop: tuple[int, int]) -> np.ndarray:
+    """This thread's chunk buffer, uint8 [count, 3, crop h, crop w], reused: allocating one per chunk costs page
+    faults."""
+    shape = (max(count, _CHUNK), 3, *crop)
     if getattr(_local, "buffer", None) is None or _local.buffer.shape != shape:
         _local.buffer = np.empty(shape, dtype=np.uint8)
     return _local.buffer[:count]
@@ -113,7 +121,7 @@ def _executor(processes: bool, workers: int) -> Executor:
 def decode_into(target: Path, count: int, preprocessing: Preprocessing, *, open_image: Callable[[int], Image.Image],
                 paths: Sequence[str | os.PathLike] | None = None, workers: int | None = None,
                 processes: bool | None = None, desc: str = "decoding", progress: bool = True) -> Decoded:
-    """Decode ``count`` images into a new ``.npy`` file ``target`` holding uint8 [count, 3, crop, crop].
+    """Decode ``count`` images into a new ``.npy`` file ``target`` holding uint8 [count, 3, crop h, crop w].
 
     open_image(i) opens image i; paths (optional) are the same images as files, which lets a process pool decode
     them. workers: pool size (default: the usable cores). processes: use a process pool (default: when there are
@@ -124,8 +132,8 @@ def decode_into(target: Path, count: int, preprocessing: Preprocessing, *, open_
         processes = paths is not None and workers > 1 and count >= _MIN_IMAGES_FOR_PROCESSES
     if processes and paths is None:
         raise ValueError("a process pool decodes image files: pass paths=")
-    crop = preprocessing.crop
-    offset = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(count, 3, crop, crop)).offset
+    shape = (count, 3, *preprocessing.crop_size)
+    offset = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=shape).offset
     found = Decoded()
     with _executor(processes, workers) as pool, \
             tqdm(total=count, desc=desc, unit="img", disable=not progress) as bar:

@@ -50,7 +50,7 @@ class CacheEntry:
     """An opened entry: ``images`` maps the file (copy-on-write, so nothing is copied unless written to)."""
 
     path: Path
-    images: np.ndarray  # uint8 [N, 3, crop, crop], only the decodable files
+    images: np.ndarray  # uint8 [N, 3, crop h, crop w], only the decodable files
     index: dict  # index.json: "files" and "labels" of all N' requested files, "skipped" {file: error}, ...
 
 
@@ -70,12 +70,17 @@ def entry_name(source_name: str, origin: str, files: Sequence[str], preprocessin
     key = json.dumps({"format": FORMAT, "origin": origin, "files": list(files), **geometry}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", source_name)
-    resize = geometry["resize"] or "none"
-    return f"{readable}-{resize}-{geometry['crop']}-{geometry['interpolation']}-{digest}"
+    resize = _size_text(geometry["resize"]) if geometry["resize"] else "none"
+    return f"{readable}-{resize}-{_size_text(geometry['crop'])}-{geometry['interpolation']}-{digest}"
 
 
 def _geometry(preprocessing: Preprocessing) -> dict:
-    return {"resize": preprocessing.resize, "crop": preprocessing.crop, "interpolation": preprocessing.interpolation}
+    """What decides the pixels: the resize applied (crop_pct's included), the crop and the filter."""
+    return {"resize": preprocessing.resize_size, "crop": preprocessing.crop, "interpolation": preprocessing.interpolation}
+
+
+def _size_text(size: int | tuple[int, int]) -> str:
+    return str(size) if isinstance(size, int) else "x".join(map(str, size))
 
 
 def file_stats(paths: Sequence[Path]) -> list[list[int] | None]:
