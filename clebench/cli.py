@@ -1,4 +1,5 @@
-"""Command line: `clebench sweep | report | ranges | check | export | gap | cache` (also `python -m clebench ...`)."""
+"""Command line: `clebench sweep | report | ranges | inspect | check | export | gap | sensitivity | cache` (also
+`python -m clebench ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +20,7 @@ EXAMPLES = """examples:
   clebench sweep configs/cifar10_ci.toml --data-root ../shared/data --models-dir ../shared/models
   clebench report runs/cifar10_ci
   clebench ranges mobilenet_v2_cifar10 --steps bn_fold+cls_relu6_clip --plot ranges.png
+  clebench inspect my_models.py:build_net --input-size 3 96 96 --relu6 clip
   clebench check runs/cifar10_ci --baseline results/cifar10_ci/baseline.json --tolerance 0.5
   clebench export mobilenet_v2_cifar10 --steps bn_fold+cls_relu6_clip+hbf --quant w8a8_per_tensor_minmax --out m.onnx
   clebench gap mobilenet_v2_cifar10 --steps bn_fold --quant w8a8_per_tensor_minmax --runtime openvino
@@ -116,6 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
     ranges.add_argument("--checkpoint", help="a checkpoint file for the model")
     ranges.add_argument("--bits", type=positive_int, default=8, help="weight bit-width for the SQNR column (default: 8)")
     ranges.add_argument("--plot", type=Path, help="also write the per-layer range-ratio plot to this PNG")
+
+    inspect = commands.add_parser(
+        "inspect", help="what graph discovery sees in a model: BN folds, CLS sets, skipped layers, export gaps",
+        description="Before any sweep: the BatchNorms bn_fold folds and into which layer, the cross-layer-scaling "
+        "sets (pairs and conv-depthwise-conv triples) after the fold, each conv / linear layer in no set and why, "
+        "and the ops the ONNX exporter cannot take (with a trial W8A8 export, given the onnx extra).")
+    inspect.add_argument("model", help='a model name (`clebench ranges --list`), "timm:<name>", or a factory '
+                         '"module:callable" / "file.py:callable" (e.g. torchvision.models:resnet18: random weights)')
+    inspect.add_argument("--input-size", type=positive_int, nargs=3, metavar=("C", "H", "W"),
+                         help="input size (default: the model's preprocessing crop, else 3 224 224)")
+    inspect.add_argument("--checkpoint", help="a checkpoint file for the model")
+    inspect.add_argument("--models-dir", help="folder holding <model>.pt checkpoints (default: $CLEBENCH_MODELS)")
+    inspect.add_argument("--relu6", choices=["replace", "keep", "clip"], default="keep",
+                         help="ReLU6 policy: replace (relu6_to_relu + cls), keep (cls: chains end at ReLU6), clip "
+                         "(cls_relu6_clip: scales across it) (default: keep)")
+    inspect.add_argument("--json", action="store_true", help="print the findings as JSON")
+    inspect.add_argument("--no-export", action="store_true", help="skip the trial ONNX export")
 
     check = commands.add_parser("check", help="compare a sweep with a committed baseline (CI gate)",
                                 description="Exit 1 when a quantized accuracy fell more than --tolerance points and more "
@@ -319,6 +338,16 @@ def run_ranges(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_inspect(args: argparse.Namespace) -> int:
+    from clebench import inspection
+
+    spec = inspection.model_spec(args.model, args.checkpoint, args.input_size)
+    model, input_shape = inspection.load(spec, args.models_dir)
+    result = inspection.inspect_model(model, args.model, input_shape, args.relu6, export=not args.no_export)
+    print(inspection.to_json(result) if args.json else inspection.format_inspection(result))
+    return 0
+
+
 def run_check(args: argparse.Namespace) -> int:
     from clebench.reporting import regression
 
@@ -389,8 +418,8 @@ def is_user_error(error: BaseException) -> bool:
         return False
     innermost = traceback.extract_tb(error.__traceback__)[-1:]
     return bool(innermost) and Path(innermost[0].filename).resolve().is_relative_to(PACKAGE_DIR)
-COMMANDS = {"sweep": run_sweep, "report": run_report, "ranges": run_ranges, "check": run_check, "export": run_export, "gap": run_gap,
-            "sensitivity": run_sensitivity, "cache": run_cache}
+COMMANDS = {"sweep": run_sweep, "report": run_report, "ranges": run_ranges, "inspect": run_inspect, "check": run_check,
+            "export": run_export, "gap": run_gap, "sensitivity": run_sensitivity, "cache": run_cache}
 
 
 def main(argv: list[str] | None = None) -> int:

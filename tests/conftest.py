@@ -10,6 +10,7 @@ from torch import nn
 
 from clebench.activations import ChannelClippedReLU
 from clebench.quant import QuantConfig, QuantSim
+from clebench.quant.encoding import Encoding
 from sweeps import CONFIG, run_sweep
 
 
@@ -123,17 +124,21 @@ GRID = (-8.0, 7.9375)  # an 8-bit asymmetric grid with scale exactly 1/16 (zero 
 
 
 def exact_sim(config: QuantConfig = QuantConfig()) -> QuantSim:
-    """A sim whose every product and sum is exact in float32: weights k/64 (scale 1/64), activations on 1/16 steps,
-    biases on 1/1024 steps, so any summation order gives the same bits and both engines must agree exactly."""
+    """A sim whose every product and sum is exact in float32: weights k/64 on a frozen scale of 1/64, activations on
+    1/16 steps, biases on 1/1024 steps, so any summation order gives the same bits and both engines must agree exactly.
+
+    |k| <= 64, so a uint8 activation times an int8 weight, summed in pairs as AVX2's vpmaddubsw does (CPUs without
+    VNNI), stays within int16 (2 * 255 * 64 = 32640): the integer kernels cannot saturate on any x86 CPU.
+    """
     generator = torch.Generator().manual_seed(0)
     model = ClippedNet().eval()
     with torch.no_grad():
         for layer in (model.conv1, model.conv2, model.conv3, model.fc):
-            weight = torch.randint(-127, 128, layer.weight.shape, generator=generator).float()
-            weight.view(-1)[0] = 127.0  # max |w| = 127/64, so the per-tensor scale is 1/64
-            layer.weight.copy_(weight / 64)
+            layer.weight.copy_(torch.randint(-64, 65, layer.weight.shape, generator=generator).float() / 64)
             layer.bias.copy_(torch.randint(-512, 512, layer.bias.shape, generator=generator).float() / 1024)
     sim = QuantSim(model, INPUT, config)
+    sim.freeze_param_encodings({f"{name}.weight": Encoding(torch.tensor(1 / 64), torch.tensor(0, dtype=torch.int32), 8, True)
+                                for name in ("conv1", "conv2", "conv3", "fc")})
     sim.set_activation_ranges({name: GRID for name in sim.quantizer_names() if not name.endswith((".weight", ".bias"))})
     return sim
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from clebench.sweep.results import KEY_COLUMNS, read_json, row_differences
+from clebench.sweep.results import KEY_COLUMNS, read_json, row_differences, write_csv
 from sweeps import SENSITIVITY_CONFIG, kill_after_rows, run_sweep, sweep_command
 
 pytest.importorskip("ray")
@@ -81,7 +81,7 @@ def test_a_worker_error_is_named_and_recorded_rows_stay(config_file, uninterrupt
     out = tmp_path / "partial"
     shutil.copytree(uninterrupted, out)
     recorded = pd.read_csv(out / "results.csv").iloc[:6]
-    recorded.to_csv(out / "results.csv", index=False, float_format="%.4f")
+    write_csv(recorded, out / "results.csv")  # as the sweep writes it
     root, broken = broken_data_root(data_root, tmp_path / "data")
     result = run_sweep(config_file, out, "--ray", "--data-root", str(root))
     assert result.returncode == 2, result.stderr

@@ -17,6 +17,7 @@ from clebench.sweep.config import parse_config
 from clebench.reporting.report import write_report
 from clebench.reporting.regression import check, format_check, results_config, results_device, write_baseline
 from clebench.sweep.results import (
+    CHECK_COLUMNS,
     KEY_COLUMNS,
     RESULT_COLUMNS,
     FolderLock,
@@ -29,6 +30,8 @@ from clebench.sweep.results import (
     deploy_columns,
     write_predictions,
 )
+from clebench.sweep import fp32_check
+from clebench.sweep.fp32_check import FP32StepError
 from clebench.sweep.run import SweepError, run_sweep as run_sweep_in_process
 from conftest import require_extra
 from sweeps import CONFIG, kill_after_rows, run_sweep, without_timing
@@ -191,16 +194,18 @@ def test_a_sweep_on_cuda_records_the_gpu_and_passes_the_cpu_baseline(uninterrupt
 
 
 @pytest.mark.slow
-def test_check_fails_a_sweep_whose_scaling_is_broken(uninterrupted, tmp_path, monkeypatch, data_root, models_dir):
-    baseline = tmp_path / "baseline.json"
-    write_baseline(uninterrupted / "results.csv", baseline, results_config(uninterrupted), results_device(uninterrupted))
-    monkeypatch.setattr(layers, "scale_input_channels", lambda layer, scale: None)  # CLS no longer compensates
+def test_a_step_that_breaks_the_fp32_model_stops_the_unit_naming_where(tmp_path, monkeypatch, data_root, models_dir):
+    """CLS that no longer compensates in the next layer: the FP32 check stops the unit at cls_relu6_clip, naming the
+    first value the two models part at, and records none of the unit's rows."""
+    monkeypatch.setattr(layers, "scale_input_channels", lambda layer, scale: None)
     broken = tmp_path / "broken"
-    run_sweep_in_process(parse_config(tomllib.loads(CONFIG)), broken, data_root=data_root, models_dir=models_dir, progress=False)
-    result = check(broken / "results.csv", baseline, config=results_config(broken), device=results_device(broken))
-    regressed = result.table.loc[result.table["status"] == "regressed", "steps"].tolist()
-    assert not result.ok and regressed and all("cls_relu6_clip" in s for s in regressed), format_check(result)
-    assert (result.table.loc[result.table["status"] == "regressed", "changed_correctness"] > 3).all()
+    config = parse_config(tomllib.loads(CONFIG)).with_models(["mobilenet_v2_cifar10"])
+    with pytest.raises(FP32StepError, match=r"mobilenet_v2_cifar10: step cls_relu6_clip changed the FP32 output by rel "
+                                            rf".* \(> 0.0001\) on {fp32_check.PROBE_IMAGES} calibration images; the first value that differs "
+                                            r"is add\(features.2.conv.3, features.3.conv.3\) \(rel"):
+        run_sweep_in_process(config, broken, data_root=data_root, models_dir=models_dir, progress=False)
+    recorded = pd.read_csv(broken / "results.csv")["steps"]  # the units before it finished
+    assert not recorded.str.contains("cls_relu6_clip").any()
 
 
 @pytest.mark.parametrize("change, message", [
@@ -225,7 +230,8 @@ def test_a_sweep_on_openvino_deployed_to_both_runtimes(tmp_path, data_root, mode
                                       models_dir=models_dir, progress=False).table
     outcome = run_sweep_in_process(config, tmp_path / "ov", data_root=data_root, models_dir=models_dir, progress=False)
     rows = outcome.table
-    assert list(rows.columns[len(RESULT_COLUMNS):]) == deploy_columns(["onnxruntime", "openvino"]) and len(rows) == 2
+    assert list(rows.columns[len(RESULT_COLUMNS):]) == deploy_columns(["onnxruntime", "openvino"]) + CHECK_COLUMNS
+    assert len(rows) == 2
     for target in ("onnxruntime", "openvino"):
         assert (rows[f"{target}_agreement"] >= 90).all() and rows[f"{target}_top1"].notna().all()
         # MobileNetV2-CIFAR: 52 convolutions and the classifier, every one on integers

@@ -25,7 +25,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from tqdm import tqdm
 
-from clebench import graph, layers, ops
+from clebench import foreign_layers, graph, layers, ops
 from clebench.quant.aimet_format import encoding_from_aimet_entries
 from clebench.quant.config import QuantConfig
 from clebench.quant.encoding import (
@@ -147,7 +147,8 @@ class QuantSim:
             raise TypeError(f"config must be a clebench.quant.QuantConfig, got {type(config).__name__}")
         self.config = config
         try:
-            gm = graph.trace(copy.deepcopy(graph.unwrap(model)).eval()).eval()  # eval first: fx bakes self.training in
+            copied = foreign_layers.split_norm_acts(copy.deepcopy(graph.unwrap(model)))
+            gm = graph.trace(copied.eval()).eval()  # eval first: fx bakes self.training in
         except graph.UntraceableModelError as error:
             raise ValueError(
                 f"QuantSim places quantizers on a torch.fx trace of the model, and {type(model).__name__} cannot be "

@@ -67,7 +67,9 @@ def flipped_gallery(result: CheckResult, results_dir: Path, baseline_json: Path,
         return fragments + [f'<p class="note">{html.escape(reason)}.</p>']
     fragments.append('<p class="note">Thumbnail, index in the evaluation set, label, then class before → after '
                      '(red: the change made it wrong, green: right).</p>')
-    loader = _EvalImages(results_config(results_dir), data_root)
+    meta_path = Path(results_dir) / results.META_FILE
+    loader = _EvalImages(results_config(results_dir), data_root, results.read_json(meta_path) if meta_path.is_file()
+                         else {})
     for values in changed[KEY_COLUMNS].itertuples(index=False):
         key = RowKey(*values)
         old, new = before[results.prediction_name(key, "quant")], after[results.prediction_name(key, "quant")]
@@ -104,26 +106,31 @@ def thumbnail_png(image) -> bytes:
 
 
 class _EvalImages:
-    """The evaluation images of a results folder's config, loaded once per preprocessing."""
+    """The evaluation images of a results folder's config, loaded once per preprocessing: each model's as meta.json
+    records it (else the model's default), an imagefolder's from the root and classes it records."""
 
-    def __init__(self, config: dict | None, data_root: str | None) -> None:
-        self.config, self.data_root, self._loaded = config, data_root, {}
+    def __init__(self, config: dict | None, data_root: str | None, meta: dict) -> None:
+        self.config, self.data_root, self.meta, self._loaded = config, data_root, meta, {}
 
     def for_model(self, model: str) -> tuple[object, dict[int, str], str]:
         """(uint8 [N, 3, H, W] images or None, class index -> name, why there are no images or '')."""
         from clebench.data import datasets
-        from clebench.models import model_preprocessing
+        from clebench.models import Preprocessing, model_preprocessing
 
         if self.config is None:
             return None, {}, "the results folder records no configuration (meta.json or config.toml)"
         data = self.config.get("data", {})
         try:
-            preprocessing = model_preprocessing(model)
-            key = (preprocessing.resize, preprocessing.crop, preprocessing.interpolation)
+            recorded = self.meta.get("preprocessing", {}).get(model)
+            preprocessing = Preprocessing(**recorded) if recorded else model_preprocessing(model)
+            folder = self.meta.get("imagefolder") or {}
+            key = (preprocessing.resize_size, preprocessing.crop, preprocessing.interpolation)
             if key not in self._loaded:
-                image_set = datasets.load_images(data["dataset"], data.get("eval_split", "test"), self.data_root,
-                                                 preprocessing, limit=data.get("limit"), seed=data.get("seed"),
-                                                 progress=False)
+                image_set = datasets.load_images(data["dataset"], data.get("eval_split", "test"),
+                                                 folder.get("root", self.data_root), preprocessing,
+                                                 limit=data.get("limit"), seed=data.get("seed"),
+                                                 skip_unreadable=data.get("skip_unreadable", False),
+                                                 classes=folder.get("classes"), progress=False)
                 self._loaded[key] = (image_set.images, class_names(image_set.files, image_set.labels.tolist()))
         except (UserError, FileNotFoundError, ValueError, KeyError) as error:
             return None, {}, f"the evaluation images cannot be loaded ({error}); pass --data-root or set CLEBENCH_DATA"

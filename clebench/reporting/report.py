@@ -27,6 +27,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import LogFormatter, MaxNLocator
 
 from clebench.errors import UserError
+from clebench.models.preprocessing import Preprocessing
 from clebench.reporting import html
 from clebench.runtimes import RUNTIME_LABELS
 from clebench.sweep.results import (
@@ -55,7 +56,11 @@ STEP_LABELS = {
     "cls": "CLS",
     "cls_relu6_keep": "CLS (ReLU6 kept)",
     "cls_relu6_clip": "CLS (ReLU6 clip)",
+    "cls_regions": "CLS regions",
+    "cls_regions_relu6_clip": "CLS regions (ReLU6 clip)",
     "hbf": "HBF",
+    "act_equalize": "act. equalization",
+    "act_equalize_relu6_clip": "act. equalization (ReLU6 clip)",
     "adaround": "AdaRound",
     "bias_correction": "BC",
     "bias_correction_empirical": "BC (empirical)",
@@ -223,8 +228,8 @@ def read_results_table(path: Path) -> pd.DataFrame:
     """results.csv (read_table), with an older folder's int8_* columns under ONNX Runtime's names and every deploy
     column numeric (blank: not deployed)."""
     results = upgrade_legacy(read_table(path, RESULT_COLUMNS, [*KEY_COLUMNS, "config_hash"]))
-    deployed = [c for c in results.columns if c not in RESULT_COLUMNS]
-    results[deployed] = results[deployed].apply(pd.to_numeric, errors="coerce")
+    numeric = [c for c in results.columns if c not in RESULT_COLUMNS]  # deploy and check columns (blank: not run)
+    results[numeric] = results[numeric].apply(pd.to_numeric, errors="coerce")
     return results
 
 
@@ -546,8 +551,10 @@ def _meta_part(results_dir: Path) -> Part:
     meta_path = results_dir / META_FILE
     if meta_path.is_file():
         meta = read_json(meta_path)
-        fragments += ["<h3>Machine, versions and work (<code>meta.json</code>)</h3>",
-                      html.key_values(html.flatten({k: v for k, v in meta.items() if k != "config"})),
+        fragments += [*_preprocessing_table(meta.get("preprocessing") or {}),
+                      "<h3>Machine, versions and work (<code>meta.json</code>)</h3>",
+                      html.key_values(html.flatten({k: v for k, v in meta.items()
+                                                    if k not in ("config", "preprocessing")})),
                       "<h3>Effective configuration (<code>meta.json</code>)</h3>",
                       html.key_values(html.flatten(meta.get("config") or {}))]
     config_path = results_dir / "config.toml"
@@ -555,6 +562,15 @@ def _meta_part(results_dir: Path) -> Part:
         fragments += ["<h3>Config file as given (<code>config.toml</code>)</h3>",
                       f"<pre>{html.escape(config_path.read_text(encoding='utf-8'))}</pre>"]
     return Part(["<h2>Configuration and machine</h2>", *fragments] if fragments else [], [])
+
+
+def _preprocessing_table(recorded: dict) -> list[str]:
+    """meta.json's "preprocessing" ({model: Preprocessing.to_dict()}) as a table of one line per model."""
+    if not recorded:
+        return []
+    rows = [(model, Preprocessing(**fields).describe()) for model, fields in recorded.items()]
+    return ["<h3>Preprocessing of each model's images (<code>meta.json</code>)</h3>",
+            html.table(["model", "resize, center crop, filter, normalisation"], rows, [False, False])]
 
 
 REPORT_PARTS = (_results_part, _range_ratio_part, _channel_ranges_part, _diagnostics_part, _meta_part)

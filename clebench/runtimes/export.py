@@ -364,11 +364,10 @@ class _Exporter:
         if isinstance(module, ActivationQuantizer):
             return self.activation_quantizer(node, module)
         op = ops.op_of(node, self.modules)
-        handler = getattr(self, f"lower_{op.name}", None) if op is not None else None
-        if handler is None:
+        if not lowers(op):
             what = "this op" if op is None else f"op {op.name!r}"
             raise self.fail(node, f"no ONNX mapping for {what} (clebench.ops lists what the exporter lowers)")
-        return handler(node)
+        return getattr(self, f"lower_{op.name}")(node)
 
     def activation_quantizer(self, node: fx.Node, module: ActivationQuantizer) -> _Value:
         source = node.args[0]
@@ -1127,6 +1126,11 @@ def _write_atomically(path: Path, data: bytes) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_bytes(data)
     os.replace(temporary, path)
+
+
+def lowers(op: ops.Op | None) -> bool:
+    """Whether the exporter has an ONNX lowering for op-table entry `op` (None: an op the table does not know)."""
+    return op is not None and hasattr(_Exporter, f"lower_{op.name}")
 
 
 def export_onnx(sim: QuantSim, dummy_input: torch.Tensor | tuple[torch.Tensor, ...], path: str | os.PathLike, *,

@@ -26,10 +26,11 @@ from clebench import cle_diagnostics, graph, ranges, sensitivity
 
 from clebench.data import datasets
 
-from clebench.sweep import steps
-from clebench.sweep.config import FIRST_DEPTHWISE, ModelSpec, SweepConfig
+from clebench.sweep import fp32_check, steps
+from clebench.sweep.config import FIRST_DEPTHWISE, DataSpec, ModelSpec, SweepConfig
 from clebench.evaluation import agreement, evaluate
-from clebench.models import Preprocessing, load_model, model_preprocessing
+from clebench.models import Preprocessing, load_spec_model, spec_preprocessing
+from clebench.models.preprocessing import PreprocessingError, resolve_preprocessing
 from clebench.sweep.plan import WorkUnit, combination_of
 from clebench.precision import fp32_precision
 from clebench.quant import QuantConfig, QuantSim
@@ -45,7 +46,7 @@ class Settings:
     """
 
     config: SweepConfig
-    data_root: Path
+    data_root: Path | None  # None: torch data sets given in memory (clebench.sweep.api)
     models_dir: Path | None = None
     device: str = "cpu"
     progress: bool = True
@@ -159,6 +160,26 @@ class ModelInputs:
     adaround_batches: list[tuple[torch.Tensor]]  # AdaRound's input batches (empty where no row runs AdaRound)
 
 
+def sweep_preprocessing(config: SweepConfig, spec: ModelSpec) -> Preprocessing:
+    """The preprocessing of `spec`'s images in the sweep of `config`: the model's default (else the data set's) <
+    [data.preprocess] < the models entry's `preprocess`; a one-line PreprocessingError naming the model."""
+    default = spec_preprocessing(spec, datasets.dataset_preprocessing(config.data.dataset))
+    try:
+        return resolve_preprocessing(default, config.data.preprocess, spec.preprocess)
+    except PreprocessingError as error:
+        raise PreprocessingError(f"models.{spec.name}: {error}") from None
+
+
+def sweep_classes(data: DataSpec) -> dict[str, int]:
+    """{class folder: model output index} of an imagefolder sweep, over its evaluation and calibration splits."""
+    return datasets.imagefolder_classes(data.root, [data.eval_split, data.calibration_split], data.classes)
+
+
+def input_shape(preprocessing: Preprocessing) -> tuple[int, int, int, int]:
+    """The model input shape (N, C, H, W) of a sweep's rows on `preprocessing`'s images, N = 1 as the dummy input."""
+    return (1, 3, *preprocessing.crop_size)
+
+
 class Resources:
     """Checkpoints and decoded images, loaded once per process and shared by the units it runs."""
 
@@ -167,6 +188,7 @@ class Resources:
         self._loaded = dict(loaded or {})
         self._images: dict[tuple, datasets.ImageSet] = {}
         self._inputs: dict[str, ModelInputs] = {}
+        self._folder_classes: dict[str, int] | None = None
 
     def inputs(self, spec: ModelSpec) -> ModelInputs:
         """The model's inputs; only the latest model's are kept (units arrive model by model)."""
@@ -179,11 +201,12 @@ class Resources:
         settings, config = self.settings, self.settings.config
         model = self._loaded.pop(spec.name, None)
         if model is None:
-            model = load_model(spec.name, models_dir=settings.models_dir, checkpoint=spec.checkpoint)
-        preprocessing = model_preprocessing(spec.name)
+            model = load_spec_model(spec, settings.models_dir)  # a Ray worker resolves the spec as the driver did
+        preprocessing = sweep_preprocessing(config, spec)
         eval_set = self._image_set(config.data.eval_split, config.data.limit, preprocessing)
         calibration_set = self._image_set(config.data.calibration_split, config.data.calibration, preprocessing)
-        base = steps.PipelineState(graph.prepare_model(model).to(settings.device).eval())
+        base = steps.PipelineState(graph.prepare_model(model).to(settings.device).eval(),
+                                   input_shape=input_shape(preprocessing))
         calibration_batches = list(datasets.batches(calibration_set, config.data.batch_size, preprocessing, settings.device))
         return ModelInputs(base, preprocessing, eval_set, calibration_set, calibration_batches,
                            self._adaround_batches(calibration_batches, preprocessing))
@@ -199,19 +222,31 @@ class Resources:
             calibration = datasets.batches(image_set, config.data.batch_size, preprocessing, self.settings.device)
         return [(inputs,) for inputs, _ in calibration]
 
+    def _classes(self) -> dict[str, int] | None:
+        """imagefolder: {folder: output index} over both splits, the same for every split and model."""
+        data = self.settings.config.data
+        if data.dataset != "imagefolder":
+            return None
+        if self._folder_classes is None:
+            self._folder_classes = sweep_classes(data)
+        return self._folder_classes
+
     def evaluation_images(self, spec: ModelSpec, limit: int) -> datasets.ImageSet:
         """`limit` class-balanced images of the evaluation split, prepared for `spec`'s model."""
         return self._image_set(self.settings.config.data.eval_split, limit, self.inputs(spec).preprocessing)
 
     def _image_set(self, split: str, limit: int | None, preprocessing: Preprocessing) -> datasets.ImageSet:
-        key = (split, limit, preprocessing.resize, preprocessing.crop, preprocessing.interpolation)
+        key = (split, limit, preprocessing.resize_size, preprocessing.crop, preprocessing.interpolation)
         if key not in self._images:
-            config = self.settings.config
-            self._images[key] = datasets.load_images(
-                config.data.dataset, split, self.settings.data_root, preprocessing, limit=limit, seed=config.data.seed,
-                download=config.data.download, progress=self.settings.progress, cache=self.settings.cache,
-                cache_dir=self.settings.cache_dir,
-            )
+            data = self.settings.config.data  # an imagefolder's root is settings.data_root (resolve_settings)
+            if data.in_memory is not None:  # torch data sets (clebench.sweep.api): no files, so no image cache
+                self._images[key] = data.in_memory.image_set(split, limit, data.seed, preprocessing)
+            else:
+                self._images[key] = datasets.load_images(
+                    data.dataset, split, self.settings.data_root, preprocessing, limit=limit, seed=data.seed,
+                    download=data.download, skip_unreadable=data.skip_unreadable, classes=self._classes(),
+                    progress=self.settings.progress, cache=self.settings.cache, cache_dir=self.settings.cache_dir,
+                )
             self._images[key] = datasets.to_device(self._images[key], self.settings.device)
         return self._images[key]
 
@@ -239,6 +274,9 @@ class _UnitRun:
         self.device = torch.device(settings.device)
         self.result = UnitResult(unit)
         self.states: dict[steps.Combination, tuple[steps.PipelineState, str]] = {}
+        self.probe = inputs.calibration_batches[0][0][:fp32_check.PROBE_IMAGES]
+        self.probe_outputs: dict[steps.Combination, torch.Tensor] = {}
+        self.step_changes: dict[steps.Combination, dict[str, float]] = {}  # step -> its rel change of the logits
         labels = inputs.eval_set.labels.cpu().numpy()  # on the GPU when the images were moved there
         self.result.predictions[labels_name(unit.model.name, settings.config.data.dataset)] = labels
 
@@ -246,16 +284,45 @@ class _UnitRun:
         """The FP32 state after `prefix` (its parent is built already); a step that changes nothing shares it."""
         if not prefix:
             state = self.inputs.base
+            self.probe_outputs[prefix], self.step_changes[prefix] = self._probe_output(state.model), {}
         else:
             parent, parent_print = self.states[prefix[:-1]]
             state = copy.deepcopy(parent)
-            if not steps.apply_fp32_step(prefix[-1], state):
+            if not self._apply(prefix[-1], state):
                 self.states[prefix] = (parent, parent_print)
+                self.probe_outputs[prefix] = self.probe_outputs[prefix[:-1]]
+                self.step_changes[prefix] = self.step_changes[prefix[:-1]]
                 self._record_cle(prefix, state)  # an hbf that absorbed nothing still says so
                 return
+            self._check_step(prefix, parent.model, state.model)
         self.states[prefix] = (state, fingerprint(state.model))
         self._record_ranges(prefix, state.model)
         self._record_cle(prefix, state)
+
+    def _apply(self, step: str, state: steps.PipelineState) -> bool:
+        """apply_fp32_step with the data a step may read: the calibration images (the same every run: the config's
+        seeded calibration set) and the [act_equalize] options."""
+        config = self.settings.config
+        return steps.apply_fp32_step(step, state, config.custom_steps, alpha=config.act_equalize.alpha,
+                                     calibration=[(inputs,) for inputs, _ in self.inputs.calibration_batches])
+
+    def _probe_output(self, model: nn.Module) -> torch.Tensor:
+        """The logits on the probe batch, on one CPU thread: a Ray worker runs on one and a local sweep on all, and
+        the kernels' reduction order (so the last bits of the check columns) follows the thread count."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.no_grad():
+                return model(self.probe)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _check_step(self, prefix: steps.Combination, before: nn.Module, after: nn.Module) -> None:
+        """Stop the unit if the prefix's last step broke the FP32 function (clebench.sweep.fp32_check)."""
+        output = self.probe_outputs[prefix] = self._probe_output(after)
+        change = fp32_check.check_step(prefix[-1], self.result.unit.model.name, before, after, self.probe,
+                                       self.probe_outputs[prefix[:-1]], output)
+        self.step_changes[prefix] = {**self.step_changes[prefix[:-1]], prefix[-1]: change}
 
     def _record_ranges(self, prefix: steps.Combination, model: nn.Module) -> None:
         name, model_name = steps.combination_name(prefix), self.result.unit.model.name
@@ -304,6 +371,7 @@ class _UnitRun:
             "delta_top1": quant["top1"] - fp32["top1"], "n_images": quant["n"],
             "n_calibration": len(self.inputs.calibration_set.labels),
             "seconds": time.perf_counter() - started, "config_hash": self.settings.config.hash, **deployed,
+            **fp32_check.row_columns(self.step_changes[fp32_steps]),
         }
         self.result.work.rows += 1
 

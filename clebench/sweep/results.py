@@ -47,6 +47,9 @@ RESULT_COLUMNS = [
     "n_images", "n_calibration", "seconds", "config_hash",
 ]  # fmt: skip
 TIMING_COLUMNS = ["seconds"]
+# The FP32 check of the row's steps (clebench.sweep.fp32_check) on the probe batch: the largest relative change of the
+# logits that one of its exact steps (BN fold, CLS) made, and HBF's (blank without HBF). Older folders lack them.
+CHECK_COLUMNS = ["fp32_step_change", "hbf_fp32_change"]
 
 
 def deploy_column(target: str, metric: str) -> str:
@@ -113,7 +116,10 @@ def _replace_atomically(path: Path, write) -> None:
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> None:
-    _replace_atomically(path, lambda tmp: frame.to_csv(tmp, index=False, float_format="%.4f"))
+    """Four decimals; the check columns' relative changes in two significant digits (4 decimals would write 0.0000
+    for every change below 5e-5, the very range they must show)."""
+    scientific = {c: frame[c].map(lambda v: "" if pd.isna(v) else f"{v:.1e}") for c in CHECK_COLUMNS if c in frame}
+    _replace_atomically(path, lambda tmp: frame.assign(**scientific).to_csv(tmp, index=False, float_format="%.4f"))
 
 
 def write_json(data: Any, path: Path) -> None:

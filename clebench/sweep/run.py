@@ -35,15 +35,16 @@ from clebench.data import datasets, image_cache
 from clebench.sweep import plan
 from clebench.sweep import results
 from clebench.sweep import steps
-from clebench.sweep.config import SweepConfig
+from clebench.sweep.config import ModelSpec, SweepConfig
 from clebench.errors import UserError
-from clebench.sweep.execute import Memo, Resources, Settings, UnitResult, Work, execute_unit, fingerprint, peak_memory_mib
-from clebench.models import load_model, model_label_space
+from clebench.sweep.execute import (Memo, Resources, Settings, UnitResult, Work, execute_unit, fingerprint,
+                                    input_shape, peak_memory_mib, sweep_classes, sweep_preprocessing)
 from clebench.precision import device_info
 from clebench.sweep.record import Recorder
 
 SCRATCH_FOLDER = ".memo"  # work shared by Ray tasks and exported ONNX models; removed once every row is recorded
 LABEL_SPACES = {"cifar10": "cifar10", "cifar100": "cifar100", "imagenet": "imagenet", "imagenette": "imagenet"}
+LABEL_COUNTS = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}  # classes of each label space
 
 
 class SweepError(UserError):
@@ -65,15 +66,9 @@ def check_models(config: SweepConfig, models_dir: str | Path | None) -> tuple[di
     Returns the loaded models and, per model, the step combinations it runs: the `all` and `ptq` presets skip the impossible
     ones, an explicit list raises.
     """
-    wanted = LABEL_SPACES[config.data.dataset]
     loaded, usable = {}, {}
     for spec in config.models:
-        if model_label_space(spec.name) != wanted:
-            raise SweepError(
-                f"{spec.name} predicts {model_label_space(spec.name)} labels but the config evaluates on "
-                f"{config.data.dataset}; pick a model trained for {wanted}"
-            )
-        loaded[spec.name] = load_model(spec.name, models_dir=models_dir, checkpoint=spec.checkpoint)
+        loaded[spec.name] = load_checked_model(config, spec, models_dir)
         usable[spec.name] = []
         for combination in config.combinations:
             try:
@@ -86,6 +81,42 @@ def check_models(config: SweepConfig, models_dir: str | Path | None) -> tuple[di
     return loaded, usable
 
 
+def load_checked_model(config: SweepConfig, spec: ModelSpec, models_dir: str | Path | None) -> nn.Module:
+    """`spec`'s model, checked against the data set's labels: a model of known labels must predict the data set's
+    label space; every model needs an output for each label index the data uses (the label space's classes, or
+    an imagefolder's data.classes). A model of unknown labels (a factory, an entry point, a timm model with its own
+    classes) or with an `input_size` is counted on a probe image, and one that rejects it is an error; registry
+    models are not probed, so they cost nothing new."""
+    wanted = LABEL_SPACES.get(config.data.dataset)  # None for an imagefolder: its classes index the model's outputs
+    space = models.spec_label_space(spec)
+    if wanted is not None and space is not None and space != wanted:
+        raise SweepError(f"{spec.name} predicts {space} labels but the config evaluates on {config.data.dataset}; "
+                         f"pick a model trained for {wanted}")
+    model = models.load_spec_model(spec, models_dir)
+    outputs = LABEL_COUNTS.get(space)
+    if outputs is None or spec.input_size is not None:
+        size = spec.input_size or input_shape(sweep_preprocessing(config, spec))[1:]
+        outputs = models.probe_output_count(model, size, spec.name)
+    needed, labels = _needed_outputs(config, wanted)
+    if outputs < needed:
+        raise SweepError(f"{spec.name} gives {outputs} outputs per image but {labels}")
+    return model
+
+
+def _needed_outputs(config: SweepConfig, label_space: str | None) -> tuple[int, str]:
+    """How many outputs a model needs for the data's label indices, and the end of the error that says why."""
+    if label_space is not None:
+        return LABEL_COUNTS[label_space], (f"{config.data.dataset} labels index {LABEL_COUNTS[label_space]} "
+                                           f"{label_space} classes; give the model an output per class")
+    if config.data.in_memory is not None:
+        needed = config.data.in_memory.outputs_needed
+        return needed, (f"the data sets' labels reach output index {needed - 1}; label the images with the model's "
+                        "output indices")
+    needed = max(sweep_classes(config.data).values()) + 1
+    return needed, (f"data.classes maps a folder to output index {needed - 1}; map the folders to the model's "
+                    "outputs (data.classes)")
+
+
 def check_sensitivity_rows(config: SweepConfig, usable: dict[str, list[steps.Combination]]) -> None:
     """Every [sensitivity] row must be a row the sweep runs (a preset skips the combinations a model cannot take)."""
     runs = set(plan.row_order(config, usable))
@@ -95,23 +126,34 @@ def check_sensitivity_rows(config: SweepConfig, usable: dict[str, list[steps.Com
                              f"{key.model} cannot take those steps; remove it from sensitivity.rows")
 
 
+def prefix_states(config: SweepConfig, spec: ModelSpec, model: nn.Module,
+                  combinations: list[steps.Combination]) -> dict[steps.Combination, steps.PipelineState]:
+    """Every FP32 prefix state that `combinations` of `spec`'s model pass through, built on the CPU (no data is
+    touched: milliseconds to a second per model for the built-in steps; custom steps run too), but the prefixes from
+    an activation-equalization step on, which need the calibration images."""
+    shape = input_shape(sweep_preprocessing(config, spec))
+    states = {(): steps.PipelineState(graph.prepare_model(model), input_shape=shape)}
+    for combination in combinations:
+        fp32_steps, _ = steps.split_combination(combination)
+        for prefix in plan.prefixes_of(fp32_steps)[1:]:
+            if prefix not in states and not set(prefix) & set(steps.ACT_EQUALIZE_STEPS):
+                states[prefix] = copy.deepcopy(states[prefix[:-1]])
+                steps.apply_fp32_step(prefix[-1], states[prefix], config.custom_steps)
+    return states
+
+
 def prefix_identities(config: SweepConfig, loaded: dict[str, nn.Module],
                       usable: dict[str, list[steps.Combination]]) -> dict[tuple[str, steps.Combination], str]:
-    """(model, FP32 prefix) -> fingerprint of the model the prefix builds, for every prefix of the sweep's rows.
-
-    Applies the FP32 steps on the CPU (milliseconds to a second per model: no data is touched), so that the plan can
-    put prefixes that build the same model into one unit.
-    """
+    """(model, FP32 prefix) -> fingerprint of the model the prefix builds, for every prefix of the sweep's rows, so
+    that the plan can put prefixes that build the same model into one unit. Custom steps run here first, so one
+    that raises or returns no model stops the sweep before any row is written."""
     identities = {}
     for spec in config.models:
-        states = {(): steps.PipelineState(graph.prepare_model(loaded[spec.name]))}
-        for combination in usable[spec.name]:
-            fp32_steps, _ = steps.split_combination(combination)
-            for prefix in plan.prefixes_of(fp32_steps)[1:]:
-                if prefix not in states:
-                    states[prefix] = copy.deepcopy(states[prefix[:-1]])
-                    steps.apply_fp32_step(prefix[-1], states[prefix])
+        states = prefix_states(config, spec, loaded[spec.name], usable[spec.name])
         identities.update({(spec.name, prefix): fingerprint(state.model) for prefix, state in states.items()})
+        for combination in usable[spec.name]:  # a prefix not built here is its own identity: its unit is its own
+            for prefix in plan.prefixes_of(steps.split_combination(combination)[0]):
+                identities.setdefault((spec.name, prefix), f"unbuilt {steps.combination_name(prefix)}")
     return identities
 
 
@@ -130,13 +172,17 @@ def resolve_settings(config: SweepConfig, out: Path, *, data_root: str | Path | 
     """The settings of every unit, with each path a sweep reads or writes resolved here, absolute.
 
     Data root, checkpoints folder and image cache folder come from the arguments, else this process's CLEBENCH_*
-    environment; checkpoint files from the config (already absolute when read from a file; made so here when given
-    as a dict). Ray workers take them from here, never from their own environment or working directory.
+    environment; checkpoint files and an imagefolder's root from the config (already absolute when read from a file;
+    made so here when given as a dict), that root also being the data root. Ray workers take them from here, never
+    from their own environment or working directory.
     """
     found_models = models.models_dir(models_dir)
     specs = tuple(replace(spec, checkpoint=str(Path(spec.checkpoint).resolve())) if spec.checkpoint else spec
                   for spec in config.models)
-    return Settings(replace(config, models=specs), datasets.data_root(data_root).resolve(),
+    data = replace(config.data, root=str(Path(config.data.root).resolve())) if config.data.root else config.data
+    found_data = (Path(data.root) if data.root else None if data.in_memory is not None
+                  else datasets.data_root(data_root).resolve())
+    return Settings(replace(config, models=specs, data=data), found_data,
                     None if found_models is None else found_models.resolve(), device, progress,
                     (out / SCRATCH_FOLDER).resolve(), cache, image_cache.cache_dir().resolve() if cache else None)
 
@@ -166,10 +212,10 @@ def run_sweep(config: SweepConfig, out: str | Path, *, data_root: str | Path | N
     meta = run_metadata(settings, command)  # first: a runtime that is not installed stops the sweep before any work
     loaded, usable = check_models(config, settings.models_dir)
     check_sensitivity_rows(config, usable)
-    columns = results.RESULT_COLUMNS + results.deploy_columns(config.eval.deploy)
+    identities = prefix_identities(config, loaded, usable) if execution.ray or config.custom_steps else None
+    columns = results.RESULT_COLUMNS + results.deploy_columns(config.eval.deploy) + results.CHECK_COLUMNS
     with Recorder(out, meta, plan.row_order(config, usable), range_order(config, usable), columns,
                   plan.sensitivity_rows(config)) as recorder:
-        identities = prefix_identities(config, loaded, usable) if execution.ray else None
         measured = results.measured_sensitivity(out, config.sensitivity.images)
         units = plan.plan(config, usable, recorder.done, execution.unit, identities, measured)
         if execution.ray is None:
@@ -216,9 +262,23 @@ def run_metadata(settings: Settings, command: str | None) -> dict:
         "device_name": hardware.pop("device_name"),
         "precision": hardware.pop("precision_policy") if device.type == "cuda" else "fp32",
         **hardware,
-        "data_root": str(settings.data_root),
+        "data_root": None if settings.data_root is None else str(settings.data_root),
         **{name: _runtime_info(name) for name in runtimes_used(settings.config)},
+        **data_record(settings.config),
+        **({"custom_steps": {step.name: step.source() for step in settings.config.custom_steps}}
+           if settings.config.custom_steps else {}),
     }
+
+
+def data_record(config: SweepConfig) -> dict:
+    """meta.json's record of what each model's images are: {"preprocessing": {model: Preprocessing.to_dict()}} and, for
+    an imagefolder, "imagefolder": {"root": absolute folder, "classes": {folder: output index}}. Resolving them raises
+    the data's one-line errors (crop larger than the resized image, a missing or empty split, a folder not in
+    data.classes) before any model loads."""
+    record = {"preprocessing": {spec.name: sweep_preprocessing(config, spec).to_dict() for spec in config.models}}
+    if config.data.dataset == "imagefolder":
+        record["imagefolder"] = {"root": config.data.root, "classes": sweep_classes(config.data)}
+    return record
 
 
 def runtimes_used(config: SweepConfig) -> list[str]:

@@ -28,7 +28,7 @@ def run_row_sensitivity(config: SweepConfig, combination: str, quant: str, out: 
                         device: str = "cpu", progress: bool = True, command: str | None = None) -> pd.DataFrame:
     """Sensitivity of the row (config's first model, `combination`, `quant`) on `images` class-balanced evaluation
     images; returns the row's table (results.SENSITIVITY_COLUMNS) after writing it into `out`."""
-    parsed = steps.parse_combination(combination)
+    parsed = steps.parse_combination(combination, config.custom_steps)
     quant_name = QuantConfig.from_name(quant).name
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

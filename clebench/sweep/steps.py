@@ -5,6 +5,14 @@ FP32 steps transform the model once per combination prefix; `adaround` and the b
 quantization grid, so they run per quantization setting, right before quantization, in that order: AdaRound learns
 the rounding of the FP32 weights (their encodings frozen in the QuantSim), then bias correction removes the expected
 output error that the rounded weights leave (E[(W_rounded - W) x], instead of the nearest rounding's).
+
+The activation-equalization steps (act_equalize, act_equalize_relu6_clip: clebench.activation_equalization) are FP32
+steps that read data: they run on the sweep's calibration images, given to `apply_fp32_step` as `calibration`. They
+come after hbf: high-bias folding reads the CLS scales, which a later scaling would make stale, while CLS before them
+is meaningful (it balances the weights, then activation range moves into them).
+
+A config's own FP32 steps (clebench.sweep.custom_steps) are passed explicitly as `custom`, a sequence of CustomStep:
+each sits in pipeline order right after its `after` step; presets hold built-in steps only.
 """
 from __future__ import annotations
 
@@ -12,18 +20,24 @@ import copy
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from clebench import graph, ops, utils
+from clebench.activation_equalization import DEFAULT_ALPHA, equalize_activations
 from clebench.adaround import AdaroundSettings, apply_adaround_to_model
 from clebench.bias_correction import correct_bias
 from clebench.errors import UserError
 from clebench.batch_norm_fold import backward_fold_map, fold_all_batch_norms
 from clebench.cross_layer_equalization import ClsSetInfo, CrossLayerScaling, HighBiasFold
+from clebench.region_equalization import Region, equalize_regions
 from clebench.quant import QuantConfig, QuantSim
 from clebench.quant.encoding import Encoding
+
+if TYPE_CHECKING:
+    from clebench.sweep.custom_steps import CustomStep
 
 STEP_ORDER = (
     "bn_fold",
@@ -31,12 +45,22 @@ STEP_ORDER = (
     "cls",
     "cls_relu6_keep",
     "cls_relu6_clip",
+    "cls_regions",
+    "cls_regions_relu6_clip",
     "hbf",
+    "act_equalize",
+    "act_equalize_relu6_clip",
     "adaround",
     "bias_correction",
     "bias_correction_empirical",
 )
 CLS_STEPS = {"cls": "keep", "cls_relu6_keep": "keep", "cls_relu6_clip": "clip"}  # step -> ReLU6 policy of scale_model
+# Region equalization (clebench.region_equalization): step -> ReLU6 policy of equalize_regions. Kept out of the `all`
+# preset (all_combinations), whose committed results must not change.
+REGION_STEPS = {"cls_regions": "keep", "cls_regions_relu6_clip": "clip"}
+# Activation equalization: step -> ReLU6 policy of equalize_activations. It reads the calibration images; kept out of
+# the `all` preset and PRESETS, whose committed results must not change.
+ACT_EQUALIZE_STEPS = {"act_equalize": "keep", "act_equalize_relu6_clip": "clip"}
 BIAS_CORRECTION_STEPS = {"bias_correction": "analytical", "bias_correction_empirical": "empirical"}
 ADAROUND = "adaround"
 FP32_STEPS = tuple(s for s in STEP_ORDER if s not in BIAS_CORRECTION_STEPS and s != ADAROUND)
@@ -56,43 +80,66 @@ class PipelineState:
     model: nn.Module
     bn_map: dict[nn.Module, nn.Module] = field(default_factory=dict)  # layer -> the BN folded backward into it
     cls_infos: list[ClsSetInfo] = field(default_factory=list)
+    regions: list[Region] = field(default_factory=list)  # what a region step equalized
+    input_shape: tuple[int, ...] | None = None  # (N, C, H, W) of the model's input, for custom steps
 
 
 def combination_name(combination: Combination) -> str:
     return "+".join(combination) if combination else NO_STEPS
 
 
-def parse_combination(text: str) -> Combination:
+def pipeline_order(custom: Sequence[CustomStep] = ()) -> tuple[str, ...]:
+    """STEP_ORDER with each custom step right after its `after` step (several after one step: in their order)."""
+    return tuple(name for step in STEP_ORDER for name in (step, *(c.name for c in custom if c.after == step)))
+
+
+def parse_combination(text: str, custom: Sequence[CustomStep] = ()) -> Combination:
     """'bn_fold+cls' -> ('bn_fold', 'cls'); 'none' -> (); validated."""
     if not isinstance(text, str) or not text.strip():
         raise StepError(f"a step combination is a string such as 'bn_fold+cls+hbf' (or 'none'), got {text!r}")
     combination = () if text.strip() == NO_STEPS else tuple(part.strip() for part in text.split("+"))
-    validate(combination)
+    validate(combination, custom)
     return combination
 
 
-def validate(combination: Combination) -> None:
+def validate(combination: Combination, custom: Sequence[CustomStep] = ()) -> None:
     """Raise StepError naming the offending step and the allowed values if the combination cannot run."""
+    order = pipeline_order(custom)
     for step in combination:
-        if step not in STEP_ORDER:
-            raise StepError(f"unknown step {step!r}; allowed steps (in pipeline order): {', '.join(STEP_ORDER)}")
-    positions = [STEP_ORDER.index(step) for step in combination]
+        if step not in order:
+            raise StepError(f"unknown step {step!r}; allowed steps (in pipeline order): {', '.join(order)}")
+    positions = [order.index(step) for step in combination]
     if positions != sorted(set(positions)):
         raise StepError(
-            f"steps {combination_name(combination)!r} are repeated or out of order; the pipeline order is {' -> '.join(STEP_ORDER)}"
+            f"steps {combination_name(combination)!r} are repeated or out of order; the pipeline order is {' -> '.join(order)}"
         )
     present = set(combination)
-    cls_steps = present & set(CLS_STEPS)
+    cls_steps = present & (set(CLS_STEPS) | set(REGION_STEPS))
     if len(cls_steps) > 1 or len(present & set(BIAS_CORRECTION_STEPS)) > 1:
         raise StepError(f"{combination_name(combination)!r}: choose one cross-layer-scaling step and one bias-correction step at most")
-    needs_bn_fold = present & (set(CLS_STEPS) | {"hbf"} | set(BIAS_CORRECTION_STEPS))
+    act_steps = present & set(ACT_EQUALIZE_STEPS)
+    if len(act_steps) > 1:
+        raise StepError(f"{combination_name(combination)!r}: choose one activation-equalization step at most")
+    needs_bn_fold = present & (set(CLS_STEPS) | set(REGION_STEPS) | {"hbf"} | set(BIAS_CORRECTION_STEPS) | act_steps)
     if needs_bn_fold and "bn_fold" not in present:
         raise StepError(
             f"{', '.join(sorted(needs_bn_fold))}: needs bn_fold first (BN layers sit between the convs and hold the statistics)"
         )
     if "hbf" in present and not cls_steps:
         raise StepError("hbf needs a cross-layer-scaling step (cls, cls_relu6_keep or cls_relu6_clip) before it")
-    if "relu6_to_relu" in present and cls_steps - {"cls"}:
+    region_step = next(iter(present & set(REGION_STEPS)), None)
+    if region_step is not None and present & {"hbf", "bias_correction"}:
+        raise StepError(
+            f"{' and '.join(sorted(present & {'hbf', 'bias_correction'}))} after {region_step}: high-bias folding and "
+            "analytical bias correction read the pairwise CLS sets' scales, which region equalization does not record; "
+            "use cls / cls_relu6_clip before them, or bias_correction_empirical"
+        )
+    if act_steps and "bias_correction" in present:
+        raise StepError(
+            f"bias_correction after {act_steps.pop()}: analytical bias correction reads the folded BN statistics and the "
+            "CLS scales, which activation equalization changes without recording; use bias_correction_empirical"
+        )
+    if "relu6_to_relu" in present and cls_steps - {"cls", "cls_regions"}:
         raise StepError(f"relu6_to_relu contradicts {cls_steps.pop()}, which handles ReLU6 itself; use cls after relu6_to_relu")
 
 
@@ -106,13 +153,21 @@ def check_for_model(combination: Combination, model: nn.Module, model_name: str)
 
 
 def has_relu6(model: nn.Module) -> bool:
-    gm = graph.trace(model)
+    """Whether a ReLU6-like clip runs anywhere in `model`, also inside a norm + activation module."""
+    gm = graph.prepare_model(model)
     modules = dict(gm.named_modules())
     return any(ops.activation_kind(node, modules) == "relu6" for node in gm.graph.nodes)
 
 
-def apply_fp32_step(step: str, state: PipelineState) -> bool:
-    """Apply one FP32 step in place; return whether it changed the model."""
+def apply_fp32_step(step: str, state: PipelineState, custom: Sequence[CustomStep] = (), *,
+                    calibration: Sequence[tuple[torch.Tensor, ...]] = (), alpha: float = DEFAULT_ALPHA) -> bool:
+    """Apply one FP32 step (built-in, or one of `custom`) to `state`; return whether it changed the model.
+
+    calibration: model-input tuples, the data of the activation-equalization steps; alpha: their migration strength.
+    """
+    for definition in custom:
+        if definition.name == step:
+            return definition.apply(state)
     if step == "bn_fold":
         pairs = fold_all_batch_norms(state.model)
         state.bn_map.update(backward_fold_map(pairs))
@@ -125,6 +180,14 @@ def apply_fp32_step(step: str, state: PipelineState) -> bool:
         infos = CrossLayerScaling.scale_model(state.model, relu6=CLS_STEPS[step])
         state.cls_infos.extend(infos)
         return bool(infos)
+    if step in REGION_STEPS:
+        regions = equalize_regions(state.model, relu6=REGION_STEPS[step])
+        state.regions.extend(regions)
+        return bool(regions)
+    if step in ACT_EQUALIZE_STEPS:
+        if not calibration:
+            raise StepError(f"{step} needs calibration images: run it in a sweep (or pass calibration=)")
+        return bool(equalize_activations(state.model, calibration, alpha, relu6=ACT_EQUALIZE_STEPS[step]))
     if step == "hbf":
         HighBiasFold.bias_fold(state.cls_infos, state.bn_map)
         return any(
@@ -136,8 +199,8 @@ def apply_fp32_step(step: str, state: PipelineState) -> bool:
 
 
 def split_combination(combination: Combination) -> tuple[Combination, str | None]:
-    """(FP32 steps, the bias-correction step or None)."""
-    fp32 = tuple(s for s in combination if s in FP32_STEPS)
+    """(FP32 steps, custom ones included; the bias-correction step or None) of a validated combination."""
+    fp32 = tuple(s for s in combination if s not in BIAS_CORRECTION_STEPS and s != ADAROUND)
     correction = next((s for s in combination if s in BIAS_CORRECTION_STEPS), None)
     return fp32, correction
 
@@ -209,7 +272,8 @@ def all_combinations() -> list[Combination]:
     """Every valid combination of the equalization steps, in pipeline order (the `all` preset). AdaRound, which
     learns for minutes per row, is left out: the `ptq` preset and explicit lists run it."""
     valid = []
-    equalization = tuple(step for step in STEP_ORDER if step != ADAROUND)
+    equalization = tuple(step for step in STEP_ORDER
+                         if step != ADAROUND and step not in REGION_STEPS and step not in ACT_EQUALIZE_STEPS)
     for mask in itertools.product((False, True), repeat=len(equalization)):
         combination = tuple(step for step, keep in zip(equalization, mask) if keep)
         try:
@@ -257,8 +321,8 @@ def preset(name: str) -> list[Combination]:
     return [parse_combination(text) for text in PRESETS[name]]
 
 
-def resolve(steps: str | Sequence[str]) -> list[Combination]:
-    """A preset name or a list of combination strings -> validated combinations."""
+def resolve(steps: str | Sequence[str], custom: Sequence[CustomStep] = ()) -> list[Combination]:
+    """A preset name or a list of combination strings (which may use the `custom` steps) -> validated combinations."""
     if isinstance(steps, str):
         return preset(steps)
-    return [parse_combination(text) for text in steps]
+    return [parse_combination(text, custom) for text in steps]
