@@ -39,6 +39,21 @@ class DataDependent(nn.Module):
         return self.conv(x) if x.sum() > 0 else x
 
 
+def set_weight(layer: nn.Module, values, bias=None) -> nn.Module:
+    """`layer` with its weight set to `values` (reshaped to the weight's shape) and, if given, its bias to `bias`."""
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor(values, dtype=torch.float32).reshape(layer.weight.shape))
+        if bias is not None:
+            layer.bias.copy_(torch.tensor(bias, dtype=torch.float32))
+    return layer
+
+
+def assert_layer(layer: nn.Module, weight, bias) -> None:
+    """`layer`'s weight, as [out channels, the rest], and bias equal `weight` and `bias`."""
+    torch.testing.assert_close(layer.weight.detach().reshape(len(bias), -1), torch.tensor(weight, dtype=torch.float32))
+    torch.testing.assert_close(layer.bias.detach(), torch.tensor(bias, dtype=torch.float32))
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected|."""
     return ((actual - expected).abs().max() / expected.abs().max()).item()

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 import torchvision
-from conftest import randomize_batch_norms, relative_error
+from conftest import assert_layer, randomize_batch_norms, relative_error, set_weight
 from torch import nn
 
 import clebench
@@ -32,26 +32,14 @@ from clebench.sweep.run import prefix_identities
 BATCHES = [(torch.tensor([1.0, -3.0]).view(2, 1, 1, 1),), (torch.tensor([2.0]).view(1, 1, 1, 1),)]
 
 
-def set_layer(layer: nn.Module, weight, bias) -> nn.Module:
-    with torch.no_grad():
-        layer.weight.copy_(torch.tensor(weight, dtype=torch.float32).reshape(layer.weight.shape))
-        layer.bias.copy_(torch.tensor(bias, dtype=torch.float32))
-    return layer
-
-
-def assert_layer(layer: nn.Module, weight, bias) -> None:
-    torch.testing.assert_close(layer.weight.detach().reshape(len(bias), -1), torch.tensor(weight, dtype=torch.float32))
-    torch.testing.assert_close(layer.bias.detach(), torch.tensor(bias, dtype=torch.float32))
-
-
 class Tiny(nn.Module):
     """conv1 (1 -> 3, 1x1) -> activation -> conv2 (3 -> 2, 1x1); max|W2[:, c]| = 1, 4, 5."""
 
     def __init__(self, activation: nn.Module | None = None) -> None:
         super().__init__()
-        self.conv1 = set_layer(nn.Conv2d(1, 3, 1), [2.0, 3.0, 0.0], [0.0, 3.0, -1.0])
+        self.conv1 = set_weight(nn.Conv2d(1, 3, 1), [2.0, 3.0, 0.0], [0.0, 3.0, -1.0])
         self.act = activation or nn.ReLU()
-        self.conv2 = set_layer(nn.Conv2d(3, 2, 1), [[1.0, -4.0, 5.0], [0.5, 2.0, -1.0]], [0.5, -1.0])
+        self.conv2 = set_weight(nn.Conv2d(3, 2, 1), [[1.0, -4.0, 5.0], [0.5, 2.0, -1.0]], [0.5, -1.0])
 
     def forward(self, x):
         return self.conv2(self.act(self.conv1(x)))

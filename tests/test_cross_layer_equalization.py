@@ -7,21 +7,13 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import randomize_batch_norms, relative_error
+from conftest import randomize_batch_norms, relative_error, set_weight
 from torch import nn
 
 from clebench import layers, utils
 from clebench.activations import ChannelClippedReLU
 from clebench.batch_norm_fold import fold_all_batch_norms
 from clebench.cross_layer_equalization import ClsSetInfo, CrossLayerScaling, HighBiasFold, equalize_model
-
-
-def set_weight(layer: nn.Module, values, bias=None) -> nn.Module:
-    with torch.no_grad():
-        layer.weight.copy_(torch.tensor(values, dtype=torch.float32).reshape(layer.weight.shape))
-        if bias is not None:
-            layer.bias.copy_(torch.tensor(bias, dtype=torch.float32))
-    return layer
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torchvision
-from conftest import randomize_batch_norms, relative_error, require_extra
+from conftest import assert_layer, randomize_batch_norms, relative_error, require_extra, set_weight
 import torch.nn.functional as F
 from torch import nn
 
@@ -19,27 +19,15 @@ from clebench.region_equalization import equalize_regions, find_regions
 from clebench.sweep import fp32_check, steps
 
 
-def set_layer(layer: nn.Module, weight, bias) -> nn.Module:
-    with torch.no_grad():
-        layer.weight.copy_(torch.tensor(weight, dtype=torch.float32).reshape(layer.weight.shape))
-        layer.bias.copy_(torch.tensor(bias, dtype=torch.float32))
-    return layer
-
-
-def assert_layer(layer: nn.Module, weight, bias) -> None:
-    torch.testing.assert_close(layer.weight.detach().reshape(len(bias), -1), torch.tensor(weight, dtype=torch.float32))
-    torch.testing.assert_close(layer.bias.detach(), torch.tensor(bias, dtype=torch.float32))
-
-
 class ResidualBlock(nn.Module):
     """stem -> ReLU -> [conv_a -> ReLU -> conv_b -> ReLU] + skip -> conv_c, all 1x1: the skip is the stem's output."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.stem = set_layer(nn.Conv2d(1, 2, 1), [4.0, 1.0], [2.0, 1.0])
-        self.conv_a = set_layer(nn.Conv2d(2, 2, 1), [[1.0, 0.5], [0.25, 0.5]], [1.0, 1.0])
-        self.conv_b = set_layer(nn.Conv2d(2, 2, 1), [[2.0, 1.0], [1.0, 1.0]], [2.0, 4.0])
-        self.conv_c = set_layer(nn.Conv2d(2, 1, 1), [[1.0, 4.0]], [0.5])
+        self.stem = set_weight(nn.Conv2d(1, 2, 1), [4.0, 1.0], [2.0, 1.0])
+        self.conv_a = set_weight(nn.Conv2d(2, 2, 1), [[1.0, 0.5], [0.25, 0.5]], [1.0, 1.0])
+        self.conv_b = set_weight(nn.Conv2d(2, 2, 1), [[2.0, 1.0], [1.0, 1.0]], [2.0, 4.0])
+        self.conv_c = set_weight(nn.Conv2d(2, 1, 1), [[1.0, 4.0]], [0.5])
         self.relu = nn.ReLU()
 
     def forward(self, x):
@@ -87,10 +75,10 @@ class Concat(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv_p = set_layer(nn.Conv2d(1, 2, 1), [4.0, 9.0], [2.0, 3.0])
-        self.conv_q = set_layer(nn.Conv2d(1, 1, 1), [16.0], [4.0])
-        self.conv_r = set_layer(nn.Conv2d(3, 1, 1), [[1.0, 1.0, 0.5]], [0.0])
-        self.conv_t = set_layer(nn.Conv2d(1, 1, 1), [[1.0]], [1.0])
+        self.conv_p = set_weight(nn.Conv2d(1, 2, 1), [4.0, 9.0], [2.0, 3.0])
+        self.conv_q = set_weight(nn.Conv2d(1, 1, 1), [16.0], [4.0])
+        self.conv_r = set_weight(nn.Conv2d(3, 1, 1), [[1.0, 1.0, 0.5]], [0.0])
+        self.conv_t = set_weight(nn.Conv2d(1, 1, 1), [[1.0]], [1.0])
         self.pool = nn.MaxPool2d(2)
 
     def forward(self, x):
