@@ -19,7 +19,7 @@ Each op has a `role`:
                       (max pooling too: it gets a quantizer of its own, as integer accelerators run it)
     shape             python values about shapes (size, dim, getattr .shape, int arithmetic, asserts): no tensor data
 
-`name` is the op's lowering key in clebench.runtimes.export, which has one handler per name.
+`name` is the op's lowering key: clebench.runtimes.lowerings registers one ONNX lowering per name.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ Family = Literal["relu", "clip", "other"]
 
 @dataclass(frozen=True)
 class Op:
-    name: str  # lowering key (clebench.runtimes.export)
+    name: str  # lowering key (clebench.runtimes.lowerings)
     role: Role
     family: Family | None = None  # activations only
 
@@ -158,6 +158,10 @@ METHOD_OPS: dict[str, Op] = {
     "size": _op("size", "shape"), "dim": _op("dim", "shape"),
 }
 
+# every op's name (its lowering key in clebench.runtimes.lowerings)
+NAMES: frozenset[str] = frozenset(
+    op.name for op in (*(op for _, op in MODULE_OPS), *FUNCTION_OPS.values(), *METHOD_OPS.values())
+)
 ACTIVATION_MODULE_TYPES = tuple(t for types, op in MODULE_OPS if op.role == "activation" for t in types)
 # fx leaves besides torch.nn's own: layers, BNs and activations (also subclasses, e.g. a "same-padding" Conv2d)
 LEAF_TYPES = layers.LAYER_TYPES + layers.BN_TYPES + ACTIVATION_MODULE_TYPES

@@ -194,6 +194,19 @@ def test_the_op_table_is_the_only_list_and_classifies_what_the_zoo_uses():
     assert ops.function_op(F.hardtanh) is ops.CLIP and ops.functional_relu6_bound(F.hardtanh, (None, -1.0, 1.0), {}) is None
 
 
+def test_each_lowering_is_registered_once_against_an_op_table_name():
+    from clebench.runtimes.export import lowers
+    from clebench.runtimes.lowerings import LOWERINGS, register
+
+    assert set(LOWERINGS) <= ops.NAMES and lowers(ops.module_op(nn.Conv2d(1, 1, 1))) and not lowers(None)
+    assert LOWERINGS["flatten"] is LOWERINGS["reshape"] and not lowers(ops.function_op(F.conv2d))
+    with pytest.raises(ValueError, match="not in clebench.ops"):
+        register("roll")
+    with pytest.raises(ValueError, match="lowered twice"):
+        register("conv")(lambda ex, node: None)
+    assert LOWERINGS["conv"].__name__ == "lower_conv"
+
+
 def test_16_bit_grids_move_the_graph_to_opset_21_with_reductions_taking_axes_as_an_input(tmp_path):
     sim = QuantSim(Fn(EXACT["mean_channels"]).eval(), INPUT, QuantConfig(act_bits=16))
     sim.set_activation_ranges({name: (-8.0, 8.0 - 2**-12) for name in sim.quantizer_names()
