@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 import _peers
+from zoo_coverage import EXPORT_STEPS, build, check_export, input_size
 
 from clebench import graph
 from clebench.cross_layer_equalization import equalize_model
-from clebench.zoo_coverage import EXPORT_STEPS, build, check_export, input_size
 
 # zoo_coverage.md's models beyond 2 steps (2026-12-01; squeezenet1_0 since its flatten fix), and three within it
 DEFAULT_MODELS = ["resnet18", "mobilenet_v2", "efficientnet_b0", "inception_v3", "maxvit_t", "regnet_x_16gf",

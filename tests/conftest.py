@@ -1,8 +1,12 @@
 """Shared fixtures: models with realistic BN statistics, and the paths of the shared data."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -12,6 +16,18 @@ from clebench.activations import ChannelClippedReLU
 from clebench.quant import QuantConfig, QuantSim
 from clebench.quant.encoding import Encoding
 from sweeps import CONFIG, run_sweep
+
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/<name>.py as module `name` (the scripts are no package), loaded once per test session."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def randomize_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -128,7 +144,7 @@ def require_extra(module: str):
     """Import an optional extra's module for a test file: skip without it, except under CI (env CI set), where the
     extra is installed on purpose and a missing one must fail the run rather than skip its tests."""
     if os.environ.get("CI"):
-        return __import__(module)
+        return importlib.import_module(module)
     return pytest.importorskip(module)
 
 

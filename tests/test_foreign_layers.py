@@ -7,13 +7,15 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_batch_norms, relative_error, require_extra
+from conftest import load_script, randomize_batch_norms, relative_error, require_extra
 from torch import nn
 
-from clebench import foreign_layers, graph, zoo_coverage
+from clebench import foreign_layers, graph
 from clebench.batch_norm_fold import fold_all_batch_norms, fold_given_batch_norms
 from clebench.cross_layer_equalization import CrossLayerScaling
 from clebench.quant import QuantConfig, QuantSim
+
+zoo_coverage = load_script("zoo_coverage")  # scripts/zoo_coverage.py: the timm report's checks
 
 
 class BatchNormAct(nn.BatchNorm2d):

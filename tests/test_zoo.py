@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DataDependent
+from conftest import DataDependent, load_script
 from torch import nn
 
-from clebench import cross_layer_equalization, graph, layers, zoo_coverage
+from clebench import cross_layer_equalization, graph, layers
 from clebench.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
+zoo_coverage = load_script("zoo_coverage")
 
 ZOO = {  # name: (BN folds, keep (pairs, triples), clip (pairs, triples))
     "resnet18": (20, (8, 0), (8, 0)),
