@@ -8,6 +8,8 @@ ranges that feed the set's second (and third) layer on calibration data, and the
 `region_rows`: one row per region of region equalization (clebench.region_equalization): its source and sink
 layers, its channels and its final scale (min / median / max over channels).
 
+`changed_layers`: how many conv / linear layers a step changed (the sweep's step_costs.csv).
+
 `skipped_layers`: every conv / linear layer in no set, with the reason, found by walking the same predicates
 `clebench.graph.find_cls_chains` walks (sole_user, is_scalable, ops.activation_kind, ops.is_identity), so a layer has no
 output-side reason exactly when the discovery found a hop out of it (tested on the zoo models).
@@ -268,6 +270,19 @@ def cls_set_rows(infos: Sequence[ClsSetInfo], before: nn.Module, after: nn.Modul
 
 def _range_ratio(layer: nn.Module) -> float:
     return ranges.range_ratio(ranges.output_channel_rows(layer).abs().amax(dim=1))
+
+
+def changed_layers(before: nn.Module, after: nn.Module) -> int:
+    """How many conv / linear layers of `after` hold another weight or bias than the layer of that name in `before`
+    (a layer `before` lacks counts as changed)."""
+    previous = dict(ranges.named_layers(before))
+    return sum(1 for name, layer in ranges.named_layers(after)
+               if name not in previous or not _same_parameters(previous[name], layer))
+
+
+def _same_parameters(first: nn.Module, second: nn.Module) -> bool:
+    pairs = [(first.weight, second.weight), (first.bias, second.bias)]
+    return all((a is None) == (b is None) and (a is None or (a.shape == b.shape and torch.equal(a, b))) for a, b in pairs)
 
 
 def region_rows(regions: Sequence[Region]) -> pd.DataFrame:

@@ -1,8 +1,8 @@
 """What compare_aimet.py and the bench_peers_*.py scripts share: the optional AIMET peer, the models, the images,
 the two quantization simulators set up the same way, and the results tables the bench scripts write.
 
-AIMET (`aimet-torch`, pip extra `bench`) is imported only here and only on demand, so the scripts still run their
-clebench / torch.ao parts in an environment without it.
+AIMET (`aimet-torch`, pip extra `bench`) is loaded only on demand (clebench.peers.aimet), so the scripts still run
+their clebench / torch.ao parts in an environment without it.
 
 Both simulators get a BN-folded FP32 model and per-tensor min/max ("tf") encodings: symmetric signed weights,
 asymmetric unsigned activations, float biases. AIMET 2.42 is set up the way its own PTQ guide does it:
@@ -18,9 +18,6 @@ import argparse
 import copy
 import datetime
 import gc
-import importlib
-import importlib.metadata
-import logging
 import math
 import os
 import platform
@@ -41,8 +38,10 @@ from clebench import utils
 from clebench.batch_norm_fold import fold_all_batch_norms
 from clebench.cli import positive_int  # the option type of every bench_peers script
 from clebench.data.datasets import ImageSet, batches, load_images
+from clebench.errors import MissingExtraError
 from clebench.models import load_model, model_preprocessing
 from clebench.models.preprocessing import IMAGENET_PREPROCESSING, Preprocessing
+from clebench.peers import aimet as aimet_peer
 from clebench.quant import QuantConfig, QuantSim
 
 CIFAR_MODELS = ("resnet18_cifar10", "mobilenet_v2_cifar10")
@@ -55,9 +54,6 @@ AIMET_INSTALL_HINT = (
     'AIMET is not installed for this Python ({python}): install the peer with pip install -e ".[bench]" '
     "(or run the script with a Python that has aimet-torch, e.g. /opt/aimetenv/bin/python)"
 )
-AIMET_PER_TENSOR_CONFIG = "default_config.json"  # in aimet_torch/common/quantsim_config/
-# Warnings AIMET 2.42 triggers on every graph build or calibration; `load_aimet` silences them for the process.
-AIMET_WARNINGS = (r"`torch\.jit\.trace(_method)?` is deprecated", r"To copy construct from a tensor")
 
 
 def aimet_missing_message() -> str:
@@ -65,26 +61,11 @@ def aimet_missing_message() -> str:
 
 
 def load_aimet() -> SimpleNamespace | None:
-    """AIMET's CLE, BN-fold, model-preparer and QuantSim modules, or None if aimet_torch cannot be imported.
-
-    Also quiets AIMET for the rest of the process: its loggers to ERROR, and the AIMET_WARNINGS filtered out.
-    """
+    """clebench.peers.aimet.load_aimet(), or None if aimet_torch cannot be imported."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            names = ("cross_layer_equalization", "batch_norm_fold", "model_preparer", "quantsim")
-            modules = {name: importlib.import_module(f"aimet_torch.{name}") for name in names}
-            from aimet_torch.common.utils import AimetLogger
-    except ImportError:
+        return aimet_peer.load_aimet()
+    except MissingExtraError:
         return None
-    AimetLogger.set_level_for_all_areas(logging.ERROR)  # AIMET logs graph steps and warnings on every call
-    for noise in AIMET_WARNINGS:
-        warnings.filterwarnings("ignore", message=noise)
-    package = Path(modules["quantsim"].__file__).resolve().parents[1]
-    config = package / "common" / "quantsim_config" / AIMET_PER_TENSOR_CONFIG
-    if not config.is_file():
-        raise FileNotFoundError(f"AIMET's per-tensor quantsim config {config} is missing: reinstall aimet-torch")
-    return SimpleNamespace(**modules, per_tensor_config=str(config), version=importlib.metadata.version("aimet-torch"))
 
 
 def cpu_model() -> str:

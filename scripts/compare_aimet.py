@@ -49,6 +49,7 @@ from clebench.cross_layer_equalization import equalize_model
 from clebench.data.datasets import batches
 from clebench.evaluation import evaluate
 from clebench.models import load_model, model_preprocessing
+from clebench.peers import aimet as aimet_peer
 
 
 @dataclass
@@ -96,14 +97,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def aimet_equalized(aimet, model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module | str:
-    """An AIMET-equalized copy of `model` with ReLU6 -> ReLU, or the failure."""
-    theirs = _peers.with_relu(model)
+def aimet_equalized(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module | str:
+    """An AIMET-equalized copy of `model` with ReLU6 -> ReLU (the sweep's relu6_to_relu+aimet_cle), or the failure."""
     try:
-        aimet.cross_layer_equalization.equalize_model(theirs, input_shape)
+        return aimet_peer.equalize(_peers.with_relu(model), input_shape)
     except Exception as error:  # recorded in every row of the model
         return _peers.aimet_error(error)
-    return theirs
 
 
 def aimet_top1(aimet, model: nn.Module | str, calibration: list[torch.Tensor], bits: int, args: argparse.Namespace,
@@ -133,7 +132,7 @@ def compare_model(name: str, aimet, args: argparse.Namespace) -> list[Comparison
     if args.cle:
         ours = copy.deepcopy(model)
         equalize_model(ours, _peers.CIFAR_SHAPE)
-        theirs = aimet_equalized(aimet, model, _peers.CIFAR_SHAPE)
+        theirs = aimet_equalized(model, _peers.CIFAR_SHAPE)
     results = []
     for bits in args.weight_bits:
         setting = f"W{bits}A{args.act_bits}{' +CLE' if args.cle else ''}"

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import require_extra
 from torch import nn
 
 from clebench.adaround import (
@@ -234,7 +235,7 @@ def test_encodings_file_round_trips_through_quantsim(tmp_path):
 
 
 def test_encodings_file_loads_into_aimet(tmp_path):
-    quantsim = pytest.importorskip("aimet_torch.quantsim")
+    quantsim = require_extra("aimet_torch.quantsim")
     from aimet_torch.common.defs import QuantScheme as AimetScheme
     from pathlib import Path
 

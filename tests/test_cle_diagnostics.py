@@ -169,3 +169,15 @@ def test_a_sweep_writes_the_sets_and_skipped_layers_of_each_prefix_that_scales(u
     assert clip["act_range_growth_max"].to_numpy() == pytest.approx(1 / clip["scale_min"].to_numpy(), rel=1e-3)
     assert set(sets[sets["steps"].str.endswith("hbf")]["hbf"]) <= {"folded", "nothing to absorb"}
     assert set(clip["hbf"]) == {"not run"}
+
+
+def test_changed_layers_counts_layers_whose_weight_or_bias_moved():
+    before = nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU(), nn.Conv2d(2, 2, 1, bias=False), nn.Linear(2, 2))
+    after = copy.deepcopy(before)
+    assert cle_diagnostics.changed_layers(before, after) == 0
+    with torch.no_grad():
+        after[0].bias[1] += 1e-6  # a bias alone counts
+        after[3].weight.mul_(1.0)  # the same values: unchanged
+    assert cle_diagnostics.changed_layers(before, after) == 1
+    after[2].bias = nn.Parameter(torch.zeros(2))  # a bias added (HBF on a bias-free conv)
+    assert cle_diagnostics.changed_layers(before, after) == 2

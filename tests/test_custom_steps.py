@@ -92,7 +92,7 @@ def with_custom(folder: Path, custom: str, combinations: list[str], steps_file: 
     ('cls = { callable = "my_steps.py:identity", after = "bn_fold" }', "custom_steps.cls: 'cls' is already a built-in step"),
     ('ptq = { callable = "my_steps.py:identity", after = "bn_fold" }', "custom_steps.ptq: 'ptq' is already a preset"),
     ('"a+b" = { callable = "my_steps.py:identity", after = "bn_fold" }', "custom_steps.a+b: a step name is letters"),
-    ('x = { callable = "my_steps.py:identity", after = "adaround" }', "custom_steps.x.after must be one of the built-in FP32 steps (bn_fold, relu6_to_relu, cls, cls_relu6_keep, cls_relu6_clip, cls_regions, cls_regions_relu6_clip, hbf, act_equalize, act_equalize_relu6_clip), got 'adaround'"),
+    ('x = { callable = "my_steps.py:identity", after = "adaround" }', "custom_steps.x.after must be one of the built-in FP32 steps (bn_fold, relu6_to_relu, aimet_cle, brevitas_equalize, brevitas_equalize_no_merge_bias, cls, cls_relu6_keep, cls_relu6_clip, cls_regions, cls_regions_relu6_clip, hbf, act_equalize, act_equalize_relu6_clip), got 'adaround'"),
     ('x = { callable = "my_steps.py:identity" }', "custom_steps.x.after must be one of the built-in FP32 steps"),
     ('x = { callable = "my_steps.identity", after = "bn_fold" }', 'custom_steps.x.callable must be "module:callable" or "file.py:callable"'),
     ('x = { callable = "missing.py:identity", after = "bn_fold" }', "custom_steps.x.callable: file"),
@@ -114,11 +114,14 @@ def test_a_custom_step_sits_right_after_its_step(tmp_path):
         'also = { callable = "my_steps.py:identity", after = "cls" }',
         'first = { callable = "my_steps.py:identity", after = "bn_fold" }',
     ]), ["bn_fold+first+cls+mine+also+hbf+bias_correction", "first+mine"])
-    assert steps.pipeline_order(config.custom_steps)[:6] == ("bn_fold", "first", "relu6_to_relu", "cls", "mine", "also")
+    peers = ("aimet_cle", "brevitas_equalize", "brevitas_equalize_no_merge_bias")
+    assert steps.pipeline_order(config.custom_steps)[:9] == ("bn_fold", "first", "relu6_to_relu", *peers, "cls", "mine",
+                                                             "also")
     assert config.combinations == [("bn_fold", "first", "cls", "mine", "also", "hbf", "bias_correction"), ("first", "mine")]
     assert steps.split_combination(config.combinations[0]) == (config.combinations[0][:-1], "bias_correction")
     with pytest.raises(ConfigError, match=r"steps 'bn_fold\+mine\+cls' are repeated or out of order; the pipeline "
-                                          r"order is bn_fold -> first -> relu6_to_relu -> cls -> mine -> also"):
+                                          r"order is bn_fold -> first -> relu6_to_relu -> aimet_cle -> .* -> cls -> "
+                                          r"mine -> also"):
         with_custom(tmp_path, 'mine = { callable = "my_steps.py:identity", after = "cls" }\n'
                     'also = { callable = "my_steps.py:identity", after = "cls" }\n'
                     'first = { callable = "my_steps.py:identity", after = "bn_fold" }', ["bn_fold+mine+cls"])

@@ -94,3 +94,13 @@ def test_deploy_flag_overrides_the_config_and_hashes_like_the_same_config_writte
                        + '\n[eval]\ndeploy = ["onnxruntime", "openvino"]\n')
     assert load_config(written).hash == deployed.hash != config.hash
     assert config.with_deploy(None) is config
+
+
+@pytest.mark.parametrize("quant, deployed", [("w4a8_per_tensor_minmax", True), ("w8a16_per_channel_minmax", True),
+                                             ("w8a4_per_tensor_minmax", False), ("w4a4_per_tensor_minmax", False)])
+def test_rows_whose_activations_have_no_exact_export_are_not_deployed(quant, deployed):
+    from clebench.quant import QuantConfig
+    from clebench.sweep.execute import targets_for_quant
+
+    targets = ("onnxruntime", "openvino")
+    assert targets_for_quant(targets, QuantConfig.from_name(quant)) == (targets if deployed else ())

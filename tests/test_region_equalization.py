@@ -254,3 +254,37 @@ def test_region_steps_stay_out_of_the_presets():
     assert steps.parse_combination("bn_fold+cls_regions_relu6_clip+bias_correction_empirical")
     assert not any(region_steps & set(combination) for combination in steps.all_combinations())
     assert not any(region_steps & set(text.split("+")) for texts in steps.PRESETS.values() for text in texts)
+
+
+@pytest.mark.slow
+def test_a_sweep_lists_the_regions_it_equalized(tmp_path):
+    """cle_regions.csv holds one row per region of the region-CLE prefix, the regions and scales equalize_regions
+    finds on the same model, and report.html shows them."""
+    import pandas as pd
+    from sweeps import run_sweep
+
+    from clebench.models import load_model
+    from clebench.reporting.report import write_report
+    from clebench.sweep import results
+
+    config = tmp_path / "regions.toml"
+    config.write_text('models = ["resnet18_cifar10"]\nsteps = ["bn_fold", "bn_fold+cls_regions"]\n'
+                      'quant = ["w8a8_per_tensor_minmax"]\n\n[data]\ndataset = "cifar10"\nlimit = 10\n'
+                      'calibration = 10\nbatch_size = 10\n')
+    done = run_sweep(config, tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    table = pd.read_csv(tmp_path / "out" / results.CLE_REGIONS_FILE)
+    assert list(table.columns) == results.CLE_REGIONS_COLUMNS and set(table["steps"]) == {"bn_fold+cls_regions"}
+    model = graph.prepare_model(load_model("resnet18_cifar10").eval())
+    fold_all_batch_norms(model)
+    expected = cle_diagnostics.region_rows(equalize_regions(model))
+    assert list(table["sources"]) == list(expected["sources"]) and len(table) == 12
+    assert table["scale_max"].to_numpy() == pytest.approx(expected["scale_max"].to_numpy(), rel=1e-5)
+    assert (table["scale_max"] > 1).any()  # the regions were scaled, not just listed
+    costs = pd.read_csv(tmp_path / "out" / results.STEP_COSTS_FILE)
+    assert list(costs.columns) == results.STEP_COST_COLUMNS
+    assert list(costs["steps"]) == ["bn_fold", "bn_fold+cls_regions"] and (costs["step_seconds"] > 0).all()
+    in_regions = {name for column in ("sources", "sinks") for text in table[column] for name in text.split(", ")}
+    assert list(costs["layers_changed"]) == [20, len(in_regions)]  # 20 convs with a BN; every layer of a region
+    write_report(tmp_path / "out")
+    assert "CLE: regions" in (tmp_path / "out" / results.REPORT_FILE).read_text(encoding="utf-8")

@@ -10,6 +10,7 @@ from matplotlib.image import imread
 from torch import nn
 
 import clebench.reporting.report
+import clebench.sweep.results
 import clebench.sweep.steps
 from clebench.ranges import channel_stats, layer_ranges
 from clebench.sweep.results import RESULT_COLUMNS
@@ -269,3 +270,31 @@ def test_a_folder_of_the_previous_schema_reports():
         write_report(copy)
         page = _page(copy)
     assert "Not shown" not in page and page.count("<img ") == 3 and "<td>device</td><td>cuda</td>" in page
+
+
+def test_methods_table_puts_each_rows_accuracy_beside_its_cost(results_dir: Path):
+    rows = pd.read_csv(results_dir / "results.csv", dtype={"config_hash": str})
+    rows["onnxruntime_top1"] = rows["quant_top1"] - 0.5
+    rows.loc[rows["steps"] == "bn_fold", "onnxruntime_top1"] = float("nan")  # a row the runtime did not run
+    rows.to_csv(results_dir / "results.csv", index=False)
+    costs = [("bn_fold", "bn_fold", 0.25, 2), ("bn_fold+relu6_to_relu", "relu6_to_relu", 0.01, 0),
+             ("bn_fold+relu6_to_relu+cls", "cls", 0.5, 3)]  # no +hbf: not measured
+    pd.DataFrame([(MODEL, *cost) for cost in costs], columns=clebench.sweep.results.STEP_COST_COLUMNS).to_csv(
+        results_dir / "step_costs.csv", index=False)
+    group = clebench.reporting.report.read_results_table(results_dir / "results.csv")
+    header, cells, _ = clebench.reporting.report.method_cells(group, pd.read_csv(results_dir / "step_costs.csv"))
+    assert header == ["Steps", *QUANTS, "FP32 steps (s)", "Layers changed"]
+    by_label = {row[0]: row[1:] for row in cells}
+    assert by_label["BN fold"] == ["11.00", "10.00", "0.25", "bn_fold 2"]  # not deployed: the simulation alone
+    assert by_label["BN fold + ReLU6→ReLU + CLS"] == ["69.00 / 68.50", "40.00 / 39.50", "0.76",
+                                                      "bn_fold 2, relu6_to_relu 0, cls 3"]
+    assert by_label["BN fold + ReLU6→ReLU + CLS + HBF"][2:] == ["—", "—"]
+    assert by_label["original"] == ["10.25 / 9.75", "9.00 / 8.50", "0.00", "—"]
+    write_report(results_dir)
+    page = _page(results_dir)
+    assert "Methods: accuracy and cost" in page and "simulated / ONNX Runtime int8" in page
+
+
+def test_no_methods_section_without_step_costs(results_dir: Path):
+    write_report(results_dir)
+    assert "Methods: accuracy and cost" not in _page(results_dir)

@@ -3,7 +3,7 @@
 results.csv         -> results.md (the DFQ paper's Table 1 per model) and accuracy_<model>.png
 ranges.csv          -> range_ratio_<model>.png (per-layer range ratio before / after cross-layer scaling)
 channel_ranges.csv  -> fig2_channel_ranges_<model>.png (the paper's Fig. 2: per-channel weight ranges of one layer)
-cle_sets.csv, cle_skipped.csv, sensitivity.csv (when present) -> tables, and sensitivity.png
+cle_sets.csv, cle_skipped.csv, cle_regions.csv, sensitivity.csv (when present) -> tables, and sensitivity.png
 all of the above + meta.json -> report.html, one self-contained page (clebench.reporting.html)
 
 Partial results (a sweep still running or interrupted) give partial tables and plots: a missing cell shows as "—",
@@ -33,6 +33,7 @@ from clebench.runtimes import RUNTIME_LABELS
 from clebench.sweep.results import (
     CHANNEL_RANGES_COLUMNS,
     CHANNEL_RANGES_FILE,
+    CLE_REGIONS_FILE,
     CLE_SETS_FILE,
     CLE_SKIPPED_FILE,
     KEY_COLUMNS,
@@ -43,16 +44,21 @@ from clebench.sweep.results import (
     RESULT_COLUMNS,
     RESULTS_FILE,
     SENSITIVITY_FILE,
+    STEP_COST_COLUMNS,
+    STEP_COSTS_FILE,
     deploy_column,
     deploy_targets,
     read_json,
     upgrade_legacy,
 )
-from clebench.sweep.steps import NO_STEPS, STEP_ORDER
+from clebench.sweep.steps import ADAROUND, BIAS_CORRECTION_STEPS, NO_STEPS, STEP_ORDER
 
 STEP_LABELS = {
     "bn_fold": "BN fold",
     "relu6_to_relu": "ReLU6→ReLU",
+    "aimet_cle": "AIMET CLE",
+    "brevitas_equalize": "Brevitas equalization",
+    "brevitas_equalize_no_merge_bias": "Brevitas equalization (no merge_bias)",
     "cls": "CLS",
     "cls_relu6_keep": "CLS (ReLU6 kept)",
     "cls_relu6_clip": "CLS (ReLU6 clip)",
@@ -71,6 +77,7 @@ ABBREVIATIONS = ("BN fold: batch-norm folding; CLS: cross-layer scaling (ReLU6 k
 DEPLOY_NOTE = ("Each cell: simulated / {}'s int8 kernels (agreement: % of images with the same top-1 class as the "
                "simulation).")
 DIAGNOSTICS = ((CLE_SETS_FILE, "CLE: cross-layer-scaling sets"), (CLE_SKIPPED_FILE, "CLE: layers left alone"),
+               (CLE_REGIONS_FILE, "CLE: regions (one scale per channel shared by the region's layers)"),
                (SENSITIVITY_FILE, "Per-layer sensitivity"))
 MISSING = html.MISSING
 DPI = 150
@@ -222,6 +229,47 @@ def layer_precision_line(group: pd.DataFrame, target: str) -> str:
     summary = (f"every conv / matmul layer ran on integers in all {len(known)} rows" if not fell_back else
                f"{fell_back} of {len(known)} rows ran some conv / matmul layers in float (marked ⚠)")
     return f"{RUNTIME_LABELS[target]}: {summary} ({'/'.join(map(str, totals))} such layers per row)."
+
+
+METHODS_NOTE = ("Each quantized cell: top-1 (%) simulated{}. FP32 steps: wall time of the row's FP32 steps on the "
+                "machine of the sweep, in seconds (bias correction and AdaRound run per quantization setting: their "
+                "time is in results.csv's seconds); layers changed: conv / linear layers whose weight or bias each "
+                "step changed. A cell with one figure was not deployed (a 4-bit activation grid has no exact ONNX form); —: "
+                "not run.")
+
+
+def _fp32_prefixes(steps: str) -> list[str]:
+    """'bn_fold+cls+hbf+bias_correction' -> ['bn_fold', 'bn_fold+cls', 'bn_fold+cls+hbf'] (step_costs.csv keys)."""
+    fp32 = [s for s in step_names(steps) if s not in BIAS_CORRECTION_STEPS and s != ADAROUND]
+    return ["+".join(fp32[:end]) for end in range(1, len(fp32) + 1)]
+
+
+def method_cells(group: pd.DataFrame, costs: pd.DataFrame) -> Table:
+    """One model's methods table: rows = step combinations; per quant setting the simulated top-1 and each deployed
+    runtime's int8 top-1 ("sim / ort / ov"; the simulation alone where no runtime ran the row); then the FP32 steps'
+    wall time (s) and the layers each step changed.
+
+    costs: the model's step_costs.csv rows (STEP_COST_COLUMNS); a prefix it lacks shows as not measured.
+    """
+    quants, runtimes = list(dict.fromkeys(group["quant"])), deploy_runtimes(group)
+    cells, cost = group.set_index(["steps", "quant"]), costs.drop_duplicates("steps", keep="last").set_index("steps")
+    rows = []
+    for steps in sorted_steps(group["steps"]):
+        row = [step_label(steps)]
+        for quant in quants:
+            values = (cells.loc[(steps, quant), ["quant_top1", *(deploy_column(t, "top1") for t in runtimes)]]
+                      if (steps, quant) in cells.index else pd.Series([math.nan]))
+            shown = values if values.iloc[1:].notna().any() else values.iloc[:1]  # not deployed: the simulation alone
+            row.append(" / ".join(MISSING if pd.isna(v) else f"{v:.2f}" for v in shown))
+        prefixes = _fp32_prefixes(steps)
+        if all(prefix in cost.index for prefix in prefixes):
+            measured = cost.loc[prefixes]
+            row += [f"{measured['step_seconds'].sum():.2f}",
+                    ", ".join(f"{step} {int(n)}" for step, n in zip(measured["step"], measured["layers_changed"])) or "—"]
+        else:
+            row += [MISSING, MISSING]
+        rows.append(row)
+    return ["Steps", *quants, "FP32 steps (s)", "Layers changed"], rows, [False] + [True] * (len(quants) + 1) + [False]
 
 
 def read_results_table(path: Path) -> pd.DataFrame:
@@ -502,6 +550,21 @@ def _results_part(results_dir: Path) -> Part:
     return Part(fragments, written)
 
 
+def _methods_part(results_dir: Path) -> Part:
+    """Per model, every step combination's accuracy on every runtime beside its cost (step_costs.csv, when present)."""
+    costs = _optional_table(results_dir / STEP_COSTS_FILE, STEP_COST_COLUMNS, ["model", "steps", "step"])
+    if costs.empty:
+        return Part([], [])
+    results, _ = _deduplicated(read_results_table(results_dir / RESULTS_FILE))
+    fragments = ["<h2>Methods: accuracy and cost</h2>"]
+    for model, dataset, group in _groups(results):
+        runtimes = "".join(f" / {RUNTIME_LABELS[t]} int8" for t in deploy_runtimes(group))
+        fragments += [f"<h3>{html.escape(model)} on {html.escape(dataset)}</h3>",
+                      f"<p class=\"note\">{html.escape(METHODS_NOTE.format(runtimes))}</p>",
+                      html.table(*method_cells(group, costs[costs["model"] == model]))]
+    return Part(fragments, [])
+
+
 def _range_ratio_part(results_dir: Path) -> Part:
     """The range-ratio plot per model (ranges.csv)."""
     ranges = _optional_table(results_dir / RANGES_FILE, RANGES_COLUMNS, ["model", "steps", "layer", "kind"])
@@ -573,7 +636,7 @@ def _preprocessing_table(recorded: dict) -> list[str]:
             html.table(["model", "resize, center crop, filter, normalisation"], rows, [False, False])]
 
 
-REPORT_PARTS = (_results_part, _range_ratio_part, _channel_ranges_part, _diagnostics_part, _meta_part)
+REPORT_PARTS = (_results_part, _methods_part, _range_ratio_part, _channel_ranges_part, _diagnostics_part, _meta_part)
 
 
 def write_report(results_dir: Path, extra_html: Sequence[str] = (), html_name: str = REPORT_FILE) -> list[Path]:

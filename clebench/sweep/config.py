@@ -30,6 +30,7 @@
     engine = "torch"             # or "onnxruntime" / "openvino": the simulation on that runtime's float kernels (CPU)
     deploy = ["onnxruntime", "openvino"]   # also run each quantized row on each runtime's integer kernels:
                                  # <target>_top1/_top5/_agreement/_integer_layers/_float_layers columns
+                                 # (blank for rows whose activations are neither 8 nor 16 bits: no exact export)
 
     [execution]                  # optional; where it runs changes no number, so it is not part of the config hash
     ray = "local"                # or "auto" / "HOST:PORT": run the work units as Ray tasks
@@ -47,6 +48,9 @@
 
     [act_equalize]               # optional; used by the act_equalize steps (clebench.activation_equalization)
     alpha = 0.5                  # migration strength in [0, 1]: s = a^alpha / w^(1 - alpha) per channel
+
+    [brevitas]                   # optional; used by the brevitas_equalize steps (clebench.peers.brevitas)
+    iterations = 20              # graph-equalization rounds (Brevitas' PTQ benchmark: 20)
 
     [sensitivity]                # optional; per-layer quantization sensitivity (clebench.sensitivity) of some rows
     images = 500                 # class-balanced evaluation images it ranks on (its cost scales with this)
@@ -79,9 +83,10 @@ Every key is checked before any work starts; an error names the key and the allo
 changes the numbers, as written in the file: checkpoint paths and an imagefolder's root as written (so clones in
 different folders agree), and not `download`; [data] classes (a file's content), preprocess and skip_unreadable only
 where set; the [adaround] options only where a combination runs AdaRound (so configs without it hash as they did
-before the step existed), the [act_equalize] options likewise only where a combination runs an act_equalize step;
-not [sensitivity], which adds sensitivity.csv and changes no number of the sweep's rows (so it can be added to a
-finished sweep, whose folder it then shares; each measured row records its images).
+before the step existed), the [act_equalize] options likewise only where a combination runs an act_equalize step,
+[brevitas] only where one runs a brevitas_equalize step; not [sensitivity], which adds sensitivity.csv and changes
+no number of the sweep's rows (so it can be added to a finished sweep, whose folder it then shares; each measured row
+records its images).
 [custom_steps] is hashed only where present (callable, after, kwargs and the sha256 of the defining file). A models
 entry's keys besides name and checkpoint are hashed only where set (a factory as written, with the sha256 of the file
 defining it, as a custom step), so entries of only name and checkpoint hash as before.
@@ -103,6 +108,7 @@ from clebench.sweep.custom_steps import CustomStep, parse_custom_steps
 from clebench.data.classes import check_classes, read_classes_file
 from clebench.callables import callable_source
 from clebench.errors import UserError
+from clebench.peers.brevitas import DEFAULT_ITERATIONS as BREVITAS_ITERATIONS, check_iterations
 from clebench.models.preprocessing import parse_preprocess
 from clebench.models.sources import InMemoryModel
 from clebench.quant import QuantConfig
@@ -245,6 +251,13 @@ class ActEqualizeSpec:
     alpha: float = DEFAULT_ALPHA
 
 
+@dataclass(frozen=True)
+class BrevitasSpec:
+    """The brevitas_equalize steps' options: Brevitas' graph-equalization rounds."""
+
+    iterations: int = BREVITAS_ITERATIONS
+
+
 DEFAULT_SENSITIVITY_IMAGES = 500
 
 
@@ -279,6 +292,7 @@ class SweepConfig:
     sensitivity: SensitivitySpec = SensitivitySpec()
     custom_steps: tuple[CustomStep, ...] = ()
     act_equalize: ActEqualizeSpec = ActEqualizeSpec()
+    brevitas: BrevitasSpec = BrevitasSpec()
 
     @property
     def uses_adaround(self) -> bool:
@@ -287,6 +301,12 @@ class SweepConfig:
     @property
     def uses_act_equalize(self) -> bool:
         return any(set(combination) & set(steps.ACT_EQUALIZE_STEPS) for combination in self.combinations)
+
+    @property
+    def peers(self) -> list[str]:
+        """The peer toolkits (keys of clebench.peers.PEERS) that the sweep's steps run, in pipeline order."""
+        used = {step for combination in self.combinations for step in combination}
+        return list(dict.fromkeys(peer for step, peer in steps.PEER_STEPS.items() if step in used))
 
     @property
     def combinations(self) -> list[steps.Combination]:
@@ -307,6 +327,8 @@ class SweepConfig:
             del plain["adaround"]  # changes no number: configs hash as they did before the step existed
         if not self.uses_act_equalize:
             del plain["act_equalize"]  # the same
+        if "brevitas" not in self.peers:
+            del plain["brevitas"]  # the same
         del plain["custom_steps"]
         if self.custom_steps:  # only where present: other configs hash as they did before custom steps existed
             plain["custom_steps"] = {step.name: step.to_dict() for step in self.custom_steps}
@@ -349,7 +371,7 @@ class SweepConfig:
 
 
 _TOP_KEYS = {"models", "steps", "quant", "data", "report", "execution", "eval", "adaround", "sensitivity",
-             "custom_steps", "act_equalize"}
+             "custom_steps", "act_equalize", "brevitas"}
 _DATA_KEYS = {"dataset", "eval_split", "calibration_split", "limit", "calibration", "batch_size", "seed", "download",
               "preprocess", "skip_unreadable"}
 _IMAGEFOLDER_KEYS = {"root", "classes"}
@@ -359,6 +381,7 @@ _EXECUTION_KEYS = {"ray", "gpus_per_task", "unit"}
 _EVAL_KEYS = {"engine", "deploy"}
 _ADAROUND_KEYS = {f.name for f in fields(AdaroundSpec)}
 _ACT_EQUALIZE_KEYS = {f.name for f in fields(ActEqualizeSpec)}
+_BREVITAS_KEYS = {f.name for f in fields(BrevitasSpec)}
 _SENSITIVITY_KEYS = {f.name for f in fields(SensitivitySpec)}
 _SENSITIVITY_ROW_KEYS = {f.name for f in fields(SensitivityRow)}
 _UNITS = ("prefix", "model")
@@ -560,6 +583,16 @@ def _act_equalize(table: Any) -> ActEqualizeSpec:
     return ActEqualizeSpec(float(alpha))
 
 
+def _brevitas(table: Any) -> BrevitasSpec:
+    if not isinstance(table, dict):
+        raise ConfigError("[brevitas] must be a table")
+    _unknown(table, _BREVITAS_KEYS, "[brevitas]")
+    try:
+        return BrevitasSpec(check_iterations(table.get("iterations", BREVITAS_ITERATIONS)))
+    except UserError as error:
+        raise ConfigError(f"brevitas.{error}") from None
+
+
 def _sensitivity(table: Any, config: SweepConfig) -> SensitivitySpec:
     """The [sensitivity] table; each row must be one of `config`'s rows (a model, a combination, a setting of it)."""
     if not isinstance(table, dict):
@@ -630,7 +663,8 @@ def parse_config(raw: dict[str, Any], source: str = "config", base_dir: str | Pa
         data = _data(raw.get("data"), None if base_dir is None else Path(base_dir))
         config = SweepConfig(models, data, step_spec, quant, range_layers, execution, _eval(raw.get("eval", {})),
                              _adaround(raw.get("adaround", {}), data), custom_steps=custom,
-                             act_equalize=_act_equalize(raw.get("act_equalize", {})))
+                             act_equalize=_act_equalize(raw.get("act_equalize", {})),
+                             brevitas=_brevitas(raw.get("brevitas", {})))
         return replace(config, sensitivity=_sensitivity(raw.get("sensitivity", {}), config))
     except (ConfigError, steps.StepError, ValueError, TypeError) as error:
         raise ConfigError(f"{source}: {error}") from None

@@ -13,6 +13,7 @@ import hashlib
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -34,7 +35,8 @@ from clebench.models.preprocessing import PreprocessingError, resolve_preprocess
 from clebench.sweep.plan import WorkUnit, combination_of
 from clebench.precision import fp32_precision
 from clebench.quant import QuantConfig, QuantSim
-from clebench.sweep.results import SENSITIVITY_COLUMNS, RowKey, deploy_column, labels_name, prediction_name
+from clebench.runtimes import EXPORTABLE_ACT_BITS
+from clebench.sweep.results import SENSITIVITY_COLUMNS, STEP_COST_COLUMNS, RowKey, deploy_column, labels_name, prediction_name
 
 
 @dataclass(frozen=True)
@@ -91,8 +93,16 @@ class UnitResult:
     channel_ranges: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)
     cle_sets: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)  # prefixes that scale only
     cle_skipped: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)
+    cle_regions: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)  # prefixes ending in region CLE
+    step_costs: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)  # one row per FP32 prefix
     predictions: dict[str, np.ndarray] = field(default_factory=dict)  # results.prediction_name -> int [N]
     work: Work = field(default_factory=Work)
+
+
+def targets_for_quant(targets: Sequence[str], quant: QuantConfig) -> tuple[str, ...]:
+    """The [eval] deploy `targets` that a `quant` row runs on: none where its activation grid has no exact export."""
+    exportable = quant.act_bits is None or quant.act_bits in EXPORTABLE_ACT_BITS
+    return tuple(targets) if exportable else ()
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -288,7 +298,10 @@ class _UnitRun:
         else:
             parent, parent_print = self.states[prefix[:-1]]
             state = copy.deepcopy(parent)
-            if not self._apply(prefix[-1], state):
+            started = time.perf_counter()
+            changed = self._apply(prefix[-1], state)
+            self._record_cost(prefix, time.perf_counter() - started, parent.model, state.model)
+            if not changed:
                 self.states[prefix] = (parent, parent_print)
                 self.probe_outputs[prefix] = self.probe_outputs[prefix[:-1]]
                 self.step_changes[prefix] = self.step_changes[prefix[:-1]]
@@ -301,10 +314,11 @@ class _UnitRun:
 
     def _apply(self, step: str, state: steps.PipelineState) -> bool:
         """apply_fp32_step with the data a step may read: the calibration images (the same every run: the config's
-        seeded calibration set) and the [act_equalize] options."""
+        seeded calibration set), the [act_equalize] and [brevitas] options."""
         config = self.settings.config
         return steps.apply_fp32_step(step, state, config.custom_steps, alpha=config.act_equalize.alpha,
-                                     calibration=[(inputs,) for inputs, _ in self.inputs.calibration_batches])
+                                     calibration=[(inputs,) for inputs, _ in self.inputs.calibration_batches],
+                                     brevitas_iterations=config.brevitas.iterations)
 
     def _probe_output(self, model: nn.Module) -> torch.Tensor:
         """The logits on the probe batch, on one CPU thread: a Ray worker runs on one and a local sweep on all, and
@@ -324,6 +338,12 @@ class _UnitRun:
                                        self.probe_outputs[prefix[:-1]], output)
         self.step_changes[prefix] = {**self.step_changes[prefix[:-1]], prefix[-1]: change}
 
+    def _record_cost(self, prefix: steps.Combination, seconds: float, before: nn.Module, after: nn.Module) -> None:
+        key = (self.result.unit.model.name, steps.combination_name(prefix))
+        self.result.step_costs[key] = pd.DataFrame([{
+            "model": key[0], "steps": key[1], "step": prefix[-1], "step_seconds": seconds,
+            "layers_changed": cle_diagnostics.changed_layers(before, after)}], columns=STEP_COST_COLUMNS)
+
     def _record_ranges(self, prefix: steps.Combination, model: nn.Module) -> None:
         name, model_name = steps.combination_name(prefix), self.result.unit.model.name
         chosen = [ranges.first_depthwise_conv(model) if layer == FIRST_DEPTHWISE else layer
@@ -334,7 +354,12 @@ class _UnitRun:
         self.result.channel_ranges[key] = ranges.channel_stats(model, chosen).assign(model=model_name, steps=name)
 
     def _record_cle(self, prefix: steps.Combination, state: steps.PipelineState) -> None:
-        """cle_sets / cle_skipped rows of a prefix that ends in a CLS step or in hbf, against the model before CLS."""
+        """cle_sets / cle_skipped rows of a prefix that ends in a CLS step or in hbf, against the model before CLS;
+        cle_regions rows of a prefix that ends in a region-CLE step."""
+        if prefix and prefix[-1] in steps.REGION_STEPS:
+            key = (self.result.unit.model.name, steps.combination_name(prefix))
+            self.result.cle_regions[key] = cle_diagnostics.region_rows(state.regions).assign(model=key[0], steps=key[1])
+            return
         cls_index = next((i for i, step in enumerate(prefix) if step in steps.CLS_STEPS), None)
         if cls_index is None or prefix[-1] not in (prefix[cls_index], "hbf") or not state.cls_infos:
             return
@@ -358,8 +383,7 @@ class _UnitRun:
         self.result.predictions[prediction_name(key, "fp32")] = fp32["predictions"].numpy()
         self.result.predictions[prediction_name(key, "quant")] = quant["predictions"].numpy()
         deployed = {}
-        for target in self.settings.config.eval.deploy:
-            run = quant["deploy"][target]
+        for target, run in quant.get("deploy", {}).items():
             self.result.predictions[prediction_name(key, target)] = run["predictions"].numpy()
             deployed |= {deploy_column(target, "top1"): run["top1"], deploy_column(target, "top5"): run["top5"],
                          deploy_column(target, "agreement"): agreement(run, quant),
@@ -420,7 +444,7 @@ class _UnitRun:
         desc = f"{self.result.unit.model.name} {quant.name}"
         engine = self.settings.config.eval.engine
         accuracy = self._evaluate_sim(sim, "torch" if engine == "torch" else f"{engine}-sim", desc)
-        deploy = self.settings.config.eval.deploy
+        deploy = targets_for_quant(self.settings.config.eval.deploy, quant)
         if deploy:
             accuracy = accuracy | {"deploy": {target: self._deploy(sim, target, f"{desc} {target} int8") for target in deploy}}
         self.memo.put("quantized", memo_key, accuracy)

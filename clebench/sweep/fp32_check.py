@@ -3,11 +3,14 @@
     bn_fold, cls, cls_relu6_keep, cls_relu6_clip   exact up to float32 rounding: rel <= 1e-4, or the unit stops
     cls_regions, cls_regions_relu6_clip            (the same)
     act_equalize, act_equalize_relu6_clip          (the same)
+    brevitas_equalize(_no_merge_bias)              (the same: BN merge and equalization; Brevitas' ReLU6 -> ReLU is
+                                                   the sweep's relu6_to_relu step, unchecked like it)
     hbf                                            approximate by design (exact only where a pre-activation stays
                                                    above beta - 3|gamma| and no zero padding meets it): measured, not
                                                    bounded. It moved EfficientNet-Lite0's logits by rel 0.14 on 64
                                                    ImageNet-sample images (1 top-1 of 64 flipped), so no bound both
                                                    passes correct models and catches a broken one
+    aimet_cle                                      measured like hbf: AIMET's pipeline ends in its high-bias fold
     other steps (relu6_to_relu, a config's own)    change the function on purpose: neither
 
 rel = max|y' - y| / max|y| of the logits after the step against those before it. An exact step past its bound stops
@@ -21,12 +24,12 @@ from torch import fx, nn
 from clebench import ops
 from clebench.errors import UserError
 from clebench.sweep.results import CHECK_COLUMNS
-from clebench.sweep.steps import ACT_EQUALIZE_STEPS, CLS_STEPS, REGION_STEPS
+from clebench.sweep.steps import ACT_EQUALIZE_STEPS, BREVITAS_STEPS, CLS_STEPS, REGION_STEPS
 
 EXACT_TOLERANCE = 1e-4
 TOLERANCES = {"bn_fold": EXACT_TOLERANCE,
-              **{step: EXACT_TOLERANCE for step in (*CLS_STEPS, *REGION_STEPS, *ACT_EQUALIZE_STEPS)}}
-MEASURED = ("hbf",)  # recorded in their own column, not bounded
+              **{step: EXACT_TOLERANCE for step in (*CLS_STEPS, *REGION_STEPS, *ACT_EQUALIZE_STEPS, *BREVITAS_STEPS)}}
+MEASURED = ("hbf", "aimet_cle")  # the steps that high-bias fold: recorded in their own column, not bounded
 PROBE_IMAGES = 4  # of the first calibration batch: 16 cost 2 % of the CIFAR CI sweep; 4 show a mangled layer as well
 
 
@@ -114,6 +117,8 @@ def _describe(node: fx.Node) -> str:
 
 def row_columns(changes: dict[str, float]) -> dict[str, float | None]:
     """A row's CHECK_COLUMNS from its steps' changes: the largest of the exact steps' (0.0 where it has none) and
-    HBF's (None where it has none: a row must equal itself, which NaN does not)."""
+    that of its high-bias-folding step, hbf or aimet_cle (None where it has none: a row must equal itself, which NaN
+    does not)."""
     exact = [change for step, change in changes.items() if step in TOLERANCES]
-    return dict(zip(CHECK_COLUMNS, (max(exact, default=0.0), changes.get("hbf"))))
+    folding = next((changes[step] for step in MEASURED if step in changes), None)
+    return dict(zip(CHECK_COLUMNS, (max(exact, default=0.0), folding)))

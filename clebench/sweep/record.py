@@ -1,5 +1,5 @@
 """Record a sweep: the only writer of a results folder's results.csv, ranges.csv, channel_ranges.csv,
-cle_sets.csv, cle_skipped.csv, predictions.npz and meta.json; sensitivity.csv and sensitivity.json through
+cle_sets.csv, cle_skipped.csv, cle_regions.csv, step_costs.csv, predictions.npz and meta.json; sensitivity.csv and sensitivity.json through
 results.write_sensitivity, as `clebench sensitivity` writes them.
 
 The recorder runs in the driver. It locks the folder, refuses a folder of another config, and records each finished
@@ -49,6 +49,8 @@ class Recorder:
         self.channel_ranges: dict[tuple[str, str], pd.DataFrame] = {}
         self.cle_sets: dict[tuple[str, str], pd.DataFrame] = {}
         self.cle_skipped: dict[tuple[str, str], pd.DataFrame] = {}
+        self.cle_regions: dict[tuple[str, str], pd.DataFrame] = {}
+        self.step_costs: dict[tuple[str, str], pd.DataFrame] = {}
         self.predictions: dict[str, np.ndarray] = {}
 
     def __enter__(self) -> Recorder:
@@ -86,6 +88,8 @@ class Recorder:
         self.channel_ranges = _read_by_prefix(self.out / results.CHANNEL_RANGES_FILE)
         self.cle_sets = _read_by_prefix(self.out / results.CLE_SETS_FILE)
         self.cle_skipped = _read_by_prefix(self.out / results.CLE_SKIPPED_FILE)
+        self.cle_regions = _read_by_prefix(self.out / results.CLE_REGIONS_FILE)
+        self.step_costs = _read_by_prefix(self.out / results.STEP_COSTS_FILE)
         self.predictions = results.read_predictions(self.out / results.PREDICTIONS_FILE)
 
     def record(self, result: UnitResult) -> None:
@@ -94,6 +98,8 @@ class Recorder:
         self.channel_ranges.update(result.channel_ranges)
         self.cle_sets.update(result.cle_sets)
         self.cle_skipped.update(result.cle_skipped)
+        self.cle_regions.update(result.cle_regions)
+        self.step_costs.update(result.step_costs)
         self.predictions.update(result.predictions)
         self.rows.update(result.rows)
         results.write_predictions(self.predictions, self.out / results.PREDICTIONS_FILE)
@@ -102,6 +108,8 @@ class Recorder:
             (self.channel_ranges, results.CHANNEL_RANGES_FILE, results.CHANNEL_RANGES_COLUMNS),
             (self.cle_sets, results.CLE_SETS_FILE, results.CLE_SETS_COLUMNS),
             (self.cle_skipped, results.CLE_SKIPPED_FILE, results.CLE_SKIPPED_COLUMNS),
+            (self.cle_regions, results.CLE_REGIONS_FILE, results.CLE_REGIONS_COLUMNS),
+            (self.step_costs, results.STEP_COSTS_FILE, results.STEP_COST_COLUMNS),
         ):
             if tables:
                 ordered = [tables[key] for key in _ordered(tables, self.range_order)]

@@ -5,6 +5,8 @@
     channel_ranges.csv   per channel of the Fig. 2 layers (clebench.ranges.CHANNEL_COLUMNS)
     cle_sets.csv         per CLS set of each FP32 step prefix that scales (clebench.cle_diagnostics.CLE_SET_COLUMNS)
     cle_skipped.csv      per layer CLE left alone in such a prefix, with the reason (cle_diagnostics.SKIPPED_COLUMNS)
+    cle_regions.csv      per region of each prefix ending in a region-CLE step (cle_diagnostics.REGION_COLUMNS)
+    step_costs.csv       per FP32 step prefix: its last step's wall time and the layers it changed (STEP_COST_COLUMNS)
     sensitivity.csv      per-layer quantization sensitivity of some rows (`clebench sensitivity`, or a sweep's
                          [sensitivity] table; SENSITIVITY_COLUMNS)
     sensitivity.json     per such row: its images (requested and used), wall / CPU time, and the run's metadata
@@ -27,7 +29,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from clebench.cle_diagnostics import CLE_SET_COLUMNS, SKIPPED_COLUMNS
+from clebench.cle_diagnostics import CLE_SET_COLUMNS, REGION_COLUMNS, SKIPPED_COLUMNS
 from clebench.errors import UserError
 from clebench.ranges import CHANNEL_COLUMNS, LAYER_COLUMNS
 from clebench.runtimes import RUNTIMES
@@ -48,7 +50,7 @@ RESULT_COLUMNS = [
 ]  # fmt: skip
 TIMING_COLUMNS = ["seconds"]
 # The FP32 check of the row's steps (clebench.sweep.fp32_check) on the probe batch: the largest relative change of the
-# logits that one of its exact steps (BN fold, CLS) made, and HBF's (blank without HBF). Older folders lack them.
+# logits that one of its exact steps (BN fold, CLS) made, and HBF's or aimet_cle's (blank without either). Older folders lack them.
 CHECK_COLUMNS = ["fp32_step_change", "hbf_fp32_change"]
 
 
@@ -76,6 +78,10 @@ RANGES_COLUMNS = ["model", "steps", *LAYER_COLUMNS]
 CHANNEL_RANGES_COLUMNS = ["model", "steps", *CHANNEL_COLUMNS]
 CLE_SETS_COLUMNS = ["model", "steps", *CLE_SET_COLUMNS]
 CLE_SKIPPED_COLUMNS = ["model", "steps", *SKIPPED_COLUMNS]
+CLE_REGIONS_COLUMNS = ["model", "steps", *REGION_COLUMNS]
+# steps: an FP32 step prefix; step: its last step; step_seconds: that step's wall time (s, this machine);
+# layers_changed: conv / linear layers whose weight or bias that step changed (cle_diagnostics.changed_layers).
+STEP_COST_COLUMNS = ["model", "steps", "step", "step_seconds", "layers_changed"]
 SENSITIVITY_COLUMNS = ["model", "steps", "quant", *UNIT_COLUMNS, "fp32_top1", "n_images"]
 
 RESULTS_FILE = "results.csv"
@@ -83,6 +89,8 @@ RANGES_FILE = "ranges.csv"
 CHANNEL_RANGES_FILE = "channel_ranges.csv"
 CLE_SETS_FILE = "cle_sets.csv"
 CLE_SKIPPED_FILE = "cle_skipped.csv"
+CLE_REGIONS_FILE = "cle_regions.csv"
+STEP_COSTS_FILE = "step_costs.csv"
 SENSITIVITY_FILE = "sensitivity.csv"
 SENSITIVITY_META_FILE = "sensitivity.json"
 SENSITIVITY_KEY_COLUMNS = ["model", "steps", "quant"]

@@ -37,6 +37,7 @@ from clebench.sweep import results
 from clebench.sweep import steps
 from clebench.sweep.config import ModelSpec, SweepConfig
 from clebench.errors import UserError
+from clebench.peers import PEERS, peer_version
 from clebench.sweep.execute import (Memo, Resources, Settings, UnitResult, Work, execute_unit, fingerprint,
                                     input_shape, peak_memory_mib, sweep_classes, sweep_preprocessing)
 from clebench.precision import device_info
@@ -130,13 +131,13 @@ def prefix_states(config: SweepConfig, spec: ModelSpec, model: nn.Module,
                   combinations: list[steps.Combination]) -> dict[steps.Combination, steps.PipelineState]:
     """Every FP32 prefix state that `combinations` of `spec`'s model pass through, built on the CPU (no data is
     touched: milliseconds to a second per model for the built-in steps; custom steps run too), but the prefixes from
-    an activation-equalization step on, which need the calibration images."""
+    an activation-equalization step on, which need the calibration images, and from a peer step on (seconds each)."""
     shape = input_shape(sweep_preprocessing(config, spec))
     states = {(): steps.PipelineState(graph.prepare_model(model), input_shape=shape)}
     for combination in combinations:
         fp32_steps, _ = steps.split_combination(combination)
         for prefix in plan.prefixes_of(fp32_steps)[1:]:
-            if prefix not in states and not set(prefix) & set(steps.ACT_EQUALIZE_STEPS):
+            if prefix not in states and not set(prefix) & (set(steps.ACT_EQUALIZE_STEPS) | set(steps.PEER_STEPS)):
                 states[prefix] = copy.deepcopy(states[prefix[:-1]])
                 steps.apply_fp32_step(prefix[-1], states[prefix], config.custom_steps)
     return states
@@ -264,6 +265,7 @@ def run_metadata(settings: Settings, command: str | None) -> dict:
         **hardware,
         "data_root": None if settings.data_root is None else str(settings.data_root),
         **{name: _runtime_info(name) for name in runtimes_used(settings.config)},
+        **({"peers": peer_versions(settings.config)} if settings.config.peers else {}),
         **data_record(settings.config),
         **({"custom_steps": {step.name: step.source() for step in settings.config.custom_steps}}
            if settings.config.custom_steps else {}),
@@ -279,6 +281,12 @@ def data_record(config: SweepConfig) -> dict:
     if config.data.dataset == "imagefolder":
         record["imagefolder"] = {"root": config.data.root, "classes": sweep_classes(config.data)}
     return record
+
+
+def peer_versions(config: SweepConfig) -> dict[str, str]:
+    """{distribution: version} of the peers the sweep's steps run; one that is not installed stops the sweep here,
+    naming its extra."""
+    return {PEERS[peer][0]: peer_version(peer) for peer in config.peers}
 
 
 def runtimes_used(config: SweepConfig) -> list[str]:

@@ -11,6 +11,11 @@ steps that read data: they run on the sweep's calibration images, given to `appl
 come after hbf: high-bias folding reads the CLS scales, which a later scaling would make stale, while CLS before them
 is meaningful (it balances the weights, then activation range moves into them).
 
+The peer steps (aimet_cle, brevitas_equalize, brevitas_equalize_no_merge_bias: clebench.peers) run another toolkit's
+whole equalization pipeline, BN fold included, in place of bn_fold / cls / hbf; relu6_to_relu may come before them,
+AdaRound and empirical bias correction after them (analytical bias correction reads the BN statistics and CLS scales
+that clebench's own steps record and a peer's pipeline does not). Their toolkit is imported only when they run.
+
 A config's own FP32 steps (clebench.sweep.custom_steps) are passed explicitly as `custom`, a sequence of CustomStep:
 each sits in pipeline order right after its `after` step; presets hold built-in steps only.
 """
@@ -32,6 +37,7 @@ from clebench.bias_correction import correct_bias
 from clebench.errors import UserError
 from clebench.batch_norm_fold import backward_fold_map, fold_all_batch_norms
 from clebench.cross_layer_equalization import ClsSetInfo, CrossLayerScaling, HighBiasFold
+from clebench.peers import aimet, brevitas
 from clebench.region_equalization import Region, equalize_regions
 from clebench.quant import QuantConfig, QuantSim
 from clebench.quant.encoding import Encoding
@@ -42,6 +48,9 @@ if TYPE_CHECKING:
 STEP_ORDER = (
     "bn_fold",
     "relu6_to_relu",
+    "aimet_cle",
+    "brevitas_equalize",
+    "brevitas_equalize_no_merge_bias",
     "cls",
     "cls_relu6_keep",
     "cls_relu6_clip",
@@ -61,6 +70,9 @@ REGION_STEPS = {"cls_regions": "keep", "cls_regions_relu6_clip": "clip"}
 # Activation equalization: step -> ReLU6 policy of equalize_activations. It reads the calibration images; kept out of
 # the `all` preset and PRESETS, whose committed results must not change.
 ACT_EQUALIZE_STEPS = {"act_equalize": "keep", "act_equalize_relu6_clip": "clip"}
+# Peer pipelines (clebench.peers): step -> the peer it runs. Kept out of the `all` preset and PRESETS.
+BREVITAS_STEPS = {"brevitas_equalize": True, "brevitas_equalize_no_merge_bias": False}  # step -> merge_bias
+PEER_STEPS = {"aimet_cle": "aimet", **dict.fromkeys(BREVITAS_STEPS, "brevitas")}
 BIAS_CORRECTION_STEPS = {"bias_correction": "analytical", "bias_correction_empirical": "empirical"}
 ADAROUND = "adaround"
 FP32_STEPS = tuple(s for s in STEP_ORDER if s not in BIAS_CORRECTION_STEPS and s != ADAROUND)
@@ -120,6 +132,9 @@ def validate(combination: Combination, custom: Sequence[CustomStep] = ()) -> Non
     act_steps = present & set(ACT_EQUALIZE_STEPS)
     if len(act_steps) > 1:
         raise StepError(f"{combination_name(combination)!r}: choose one activation-equalization step at most")
+    if present & set(PEER_STEPS):
+        _validate_peer(combination)
+        return
     needs_bn_fold = present & (set(CLS_STEPS) | set(REGION_STEPS) | {"hbf"} | set(BIAS_CORRECTION_STEPS) | act_steps)
     if needs_bn_fold and "bn_fold" not in present:
         raise StepError(
@@ -143,6 +158,22 @@ def validate(combination: Combination, custom: Sequence[CustomStep] = ()) -> Non
         raise StepError(f"relu6_to_relu contradicts {cls_steps.pop()}, which handles ReLU6 itself; use cls after relu6_to_relu")
 
 
+def _validate_peer(combination: Combination) -> None:
+    """A peer step runs its toolkit's whole pipeline: only relu6_to_relu before it, AdaRound and empirical bias
+    correction after it."""
+    peers = [step for step in combination if step in PEER_STEPS]
+    if len(peers) > 1:
+        raise StepError(f"{combination_name(combination)!r}: choose one peer step at most")
+    allowed = (*peers, "relu6_to_relu", ADAROUND, "bias_correction_empirical")
+    others = [step for step in combination if step in STEP_ORDER and step not in allowed]  # custom steps may join
+    if others:
+        raise StepError(
+            f"{' and '.join(others)} with {peers[0]}: the peer step runs its toolkit's whole pipeline (BN fold and "
+            "equalization); combine it only with relu6_to_relu before it and adaround / bias_correction_empirical "
+            "after it (analytical bias correction reads the BN statistics and CLS scales of clebench's own steps)"
+        )
+
+
 def check_for_model(combination: Combination, model: nn.Module, model_name: str) -> None:
     """Model-dependent rule: plain `cls` on a network with ReLU6 needs relu6_to_relu first."""
     if "cls" in combination and "relu6_to_relu" not in combination and has_relu6(model):
@@ -160,10 +191,12 @@ def has_relu6(model: nn.Module) -> bool:
 
 
 def apply_fp32_step(step: str, state: PipelineState, custom: Sequence[CustomStep] = (), *,
-                    calibration: Sequence[tuple[torch.Tensor, ...]] = (), alpha: float = DEFAULT_ALPHA) -> bool:
+                    calibration: Sequence[tuple[torch.Tensor, ...]] = (), alpha: float = DEFAULT_ALPHA,
+                    brevitas_iterations: int = brevitas.DEFAULT_ITERATIONS) -> bool:
     """Apply one FP32 step (built-in, or one of `custom`) to `state`; return whether it changed the model.
 
     calibration: model-input tuples, the data of the activation-equalization steps; alpha: their migration strength.
+    brevitas_iterations: the graph-equalization rounds of the brevitas_equalize steps.
     """
     for definition in custom:
         if definition.name == step:
@@ -180,6 +213,8 @@ def apply_fp32_step(step: str, state: PipelineState, custom: Sequence[CustomStep
         infos = CrossLayerScaling.scale_model(state.model, relu6=CLS_STEPS[step])
         state.cls_infos.extend(infos)
         return bool(infos)
+    if step in PEER_STEPS:
+        return _apply_peer(step, state, brevitas_iterations)
     if step in REGION_STEPS:
         regions = equalize_regions(state.model, relu6=REGION_STEPS[step])
         state.regions.extend(regions)
@@ -196,6 +231,18 @@ def apply_fp32_step(step: str, state: PipelineState, custom: Sequence[CustomStep
             for pair in info.cls_pair_info_list
         )
     raise StepError(f"{step!r} is not an FP32 step")
+
+
+def _apply_peer(step: str, state: PipelineState, brevitas_iterations: int) -> bool:
+    """Run a peer step's pipeline on `state`'s model (a peer that is not installed: MissingExtraError)."""
+    if step == "aimet_cle":
+        if state.input_shape is None:
+            raise StepError("aimet_cle traces the model on an input: give the PipelineState its input_shape")
+        aimet.equalize(state.model, state.input_shape)
+    else:
+        state.model = brevitas.equalize(state.model, iterations=brevitas_iterations,
+                                        merge_bias=BREVITAS_STEPS[step]).eval()
+    return True
 
 
 def split_combination(combination: Combination) -> tuple[Combination, str | None]:
@@ -272,8 +319,8 @@ def all_combinations() -> list[Combination]:
     """Every valid combination of the equalization steps, in pipeline order (the `all` preset). AdaRound, which
     learns for minutes per row, is left out: the `ptq` preset and explicit lists run it."""
     valid = []
-    equalization = tuple(step for step in STEP_ORDER
-                         if step != ADAROUND and step not in REGION_STEPS and step not in ACT_EQUALIZE_STEPS)
+    equalization = tuple(step for step in STEP_ORDER if step != ADAROUND and step not in REGION_STEPS
+                         and step not in ACT_EQUALIZE_STEPS and step not in PEER_STEPS)
     for mask in itertools.product((False, True), repeat=len(equalization)):
         combination = tuple(step for step, keep in zip(equalization, mask) if keep)
         try:
