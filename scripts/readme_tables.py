@@ -1,9 +1,9 @@
-"""Regenerate the README's tables and figure references from the committed results folders.
+"""Regenerate the tables of README.md and of the documentation pages from the committed results folders.
 
-Each block between `<!-- table:NAME -->` and `<!-- /table:NAME -->` in README.md (and results/cifar10/README.md) is
-the output of BLOCKS[NAME], which reads one committed file under results/; nothing is typed by hand. With --check
-nothing is written and the exit status is 1 when a file differs from what the results give (CI runs it through
-tests/test_readme_tables.py).
+Each block between `<!-- table:NAME -->` and `<!-- /table:NAME -->` in README.md, the pages under docs/ (the site
+shows them as committed) and results/cifar10/README.md is the output of BLOCKS[NAME], which reads one committed file
+under results/; nothing is typed by hand. With --check nothing is written and the exit status is 1 when a file
+differs from what the results give (CI runs it through tests/test_readme_tables.py).
 
     python scripts/readme_tables.py            # rewrite the blocks
     python scripts/readme_tables.py --check    # exit 1 and name the stale blocks
@@ -21,11 +21,11 @@ from pathlib import Path
 import pandas as pd
 
 from clebench.adaround import AdaroundSettings
-from clebench.reporting.report import STEP_LABELS, read_results_table
-from clebench.sweep.results import KEY_COLUMNS
+from clebench.reporting.report import STEP_LABELS, method_cells, read_results_table
+from clebench.sweep.results import KEY_COLUMNS, STEP_COSTS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = [ROOT / "README.md", ROOT / "results" / "cifar10" / "README.md"]
+FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), ROOT / "results" / "cifar10" / "README.md"]
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
 MODEL_NAMES = {"resnet18_cifar10": "ResNet18", "mobilenet_v2_cifar10": "MobileNetV2",
                "efficientnet_lite0": "EfficientNet-Lite0"}
@@ -87,6 +87,25 @@ def cifar10_models() -> str:
             cells += [f"{table.loc[(steps, quant), 'quant_top1']:.2f}" for quant, _ in CIFAR_QUANTS]
             rows.append(cells)
     return markdown(["model", "steps", "FP32", *(name for _, name in CIFAR_QUANTS)], rows, left=2)
+
+
+def methods(folder: str, quants: Sequence[tuple[str, str]] | None = None, layers: bool = True) -> str:
+    """Per model of results/<folder>, every method's top-1 (simulated / each runtime's int8) per quant setting, the
+    FP32 steps' wall time and the layers each step changed (clebench.reporting.report.method_cells, as report.html
+    shows it); quants: (quant, column label) to show, default all of them under their own names; layers: with the
+    layers-changed column."""
+    results = read_results_table(ROOT / "results" / folder / "results.csv").drop_duplicates(KEY_COLUMNS, keep="last")
+    costs = pd.read_csv(ROOT / "results" / folder / STEP_COSTS_FILE)
+    if quants is not None:
+        results = results[results["quant"].isin([quant for quant, _ in quants])]
+    labels = dict(quants or [])
+    parts = []
+    for model in dict.fromkeys(results["model"]):
+        header, rows, _ = method_cells(results[results["model"] == model], costs[costs["model"] == model])
+        if not layers:
+            header, rows = header[:-1], [row[:-1] for row in rows]
+        parts.append(f"**{MODEL_NAMES.get(model, model)}**\n\n" + markdown([labels.get(h, h) for h in header], rows))
+    return "\n".join(parts)
 
 
 PTQ_LADDER = [  # rows of the `ptq` preset; "{cls}" is the CLS step the model ran (cls, or cls_relu6_clip with ReLU6)
@@ -273,6 +292,9 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "cifar10_resnet18": lambda: accuracy("cifar10/resnet18_cifar10", RESNET18_ROWS, CIFAR_QUANTS, 2, delta=True),
     "cifar10_models": cifar10_models,
     "deploy_gap": deploy_gap,
+    "methods-cifar10": lambda: methods("methods_cifar10"),
+    "methods-cifar10-w4": lambda: methods("methods_cifar10", [("w4a8_per_tensor_minmax", "W4A8"),
+                                                              ("w8a4_per_tensor_minmax", "W8A4")], layers=False),
     "ptq-cifar10": lambda: ptq_ladder("ptq_cifar10"),
     "ptq-imagenet-sample-lite0": lambda: ptq_ladder("ptq_imagenet_sample_lite0", decimals=1),
     "deploy_runtimes": deploy_runtimes,

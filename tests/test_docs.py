@@ -1,6 +1,6 @@
 """The documentation site (mkdocs.yml, docs/): it builds with --strict, its CLI reference lists every command and
-argument of the real parser, every generated marker was filled, it loads nothing from the network, and a page
-renders in headless Chromium from disk."""
+argument of the real parser, every generated marker was filled, it loads nothing from the network, README.md's links
+into it resolve, and a page renders in headless Chromium from disk."""
 from __future__ import annotations
 
 import argparse
@@ -70,6 +70,16 @@ def test_every_marker_is_filled_and_no_asset_is_remote(site):
         assert not REMOTE_CSS.search(sheet.read_text(encoding="utf-8")), sheet
     started = html.unescape(re.sub(r"<[^>]+>", "", (site / "getting-started.html").read_text(encoding="utf-8")))
     assert 'pip install -e ".[dev' in started  # README.md's "Set up and test" block, included
+
+
+def test_the_readme_links_into_the_site_resolve(site):
+    """README.md links docs/*.md by relative path (for GitHub and a clone): each exists, each #anchor is on its page."""
+    for target in re.findall(r"\]\((?!https?://)([^)\s]+)\)", (ROOT / "README.md").read_text(encoding="utf-8")):
+        path, _, anchor = target.partition("#")
+        assert (ROOT / path).exists(), target
+        if anchor:
+            page = site / Path(path).relative_to("docs").with_suffix(".html")
+            assert f'id="{anchor}"' in page.read_text(encoding="utf-8"), target
 
 
 def test_a_page_renders_from_disk_in_chromium(site, tmp_path):

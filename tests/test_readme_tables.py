@@ -1,4 +1,5 @@
-"""The README's tables come from the committed results (scripts/readme_tables.py): CI fails when they disagree."""
+"""The tables of the README and the docs pages come from the committed results (scripts/readme_tables.py): CI fails
+when they disagree."""
 from __future__ import annotations
 
 import importlib
@@ -25,10 +26,18 @@ def test_readme_agrees_with_the_committed_results():
 
 def test_every_block_is_regenerated_from_its_file():
     tables = _module()
+    pages = {"README.md": {"cifar10_mobilenet_v2", "methods-cifar10-w4"},
+             "docs/results.md": {"imagenet_sample", "cifar10_resnet18", "cifar10_models", "simulation_cost",
+                                 "methods-cifar10"},
+             "docs/how-to/deploy.md": {"deploy_gap", "deploy_runtimes", "engine_sweeps", "engine_speed"},
+             "docs/how-to/adaround.md": {"ptq-cifar10", "ptq-imagenet-sample-lite0", "adaround_aimet",
+                                         "adaround_time", "adaround_schedule"}}
+    found = {path.relative_to(ROOT).as_posix(): {m["name"] for m in tables.BLOCK.finditer(path.read_text("utf-8"))}
+             for path in tables.FILES}
+    for page, names in pages.items():
+        assert names <= found[page], page
+    assert set(tables.BLOCKS) <= set().union(*found.values())  # every table the generator knows is on a page
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    names = [m["name"] for m in tables.BLOCK.finditer(readme)]
-    assert {"imagenet_sample", "cifar10_mobilenet_v2", "cifar10_resnet18", "deploy_gap", "engine_speed",
-            "simulation_cost"} <= set(names)
     # the headline row, from results/cifar10/mobilenet_v2_cifar10/results.csv (84.5300 at W4A8, 90.7100 FP32)
     assert "| BN fold | 90.71 | 90.64 (-0.07) | 90.08 (-0.63) | 84.53 (-6.18) | 90.65 (-0.06) |" in readme
     tampered = readme.replace("84.53 (-6.18)", "84.43 (-6.28)")

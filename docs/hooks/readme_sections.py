@@ -2,8 +2,9 @@
 
 A line `<!-- readme: HEADING -->` is replaced by the text under that README heading, up to the next heading of any
 level; `<!-- readme: HEADING > START -->` begins at the section's first line that starts with START instead. A
-heading that is gone, or a START the section lacks, fails the build. README.md's relative links (the Fig. 2 plot
-under results/) are copied into the site and rewritten relative to the including page.
+heading that is gone, or a START the section lacks, fails the build. README.md's relative links are rewritten
+relative to the including page: a link into docs/ to that page of the site, any other file (the Fig. 2 plot under
+results/) to a copy the site gets at the file's own path.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 MARKER = re.compile(r"^<!-- readme: (?P<heading>.+?)(?: > (?P<start>.+?))? -->$", re.M)
 LINK = re.compile(r"\]\((?!https?://|#)(?P<target>[^)\s]+)\)")
+DOCS = "docs/"  # README.md links the site's pages as docs/PAGE.md, which is PAGE.md in the site
 
 
 def _headings(lines: list[str]) -> list[int]:
@@ -48,9 +50,9 @@ def section(heading: str, start: str | None = None) -> str:
 
 
 def on_files(files: Files, config) -> Files:
-    """Add the repository files README.md links to, at their own paths, so the included links resolve."""
+    """Add the repository files outside docs/ that README.md links to, at their own paths, so included links resolve."""
     for target in dict.fromkeys(m["target"] for m in LINK.finditer(README.read_text(encoding="utf-8"))):
-        if (ROOT / target).is_file() and files.get_file_from_path(target) is None:
+        if not target.startswith(DOCS) and (ROOT / target).is_file() and files.get_file_from_path(target) is None:
             files.append(File.generated(config, target, abs_src_path=str(ROOT / target)))
     return files
 
@@ -61,6 +63,6 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
 
     def include(match: re.Match) -> str:
         text = section(match["heading"], match["start"])
-        return LINK.sub(lambda link: f"]({posixpath.relpath(link['target'], folder or '.')})", text)
+        return LINK.sub(lambda link: f"]({posixpath.relpath(link['target'].removeprefix(DOCS), folder or '.')})", text)
 
     return MARKER.sub(include, markdown)
