@@ -292,7 +292,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "cifar10_resnet18": lambda: accuracy("cifar10/resnet18_cifar10", RESNET18_ROWS, CIFAR_QUANTS, 2, delta=True),
     "cifar10_models": cifar10_models,
     "deploy_gap": deploy_gap,
-    "methods-cifar10": lambda: methods("methods_cifar10"),
+    "methods-cifar10": lambda: methods("methods_cifar10", [*CIFAR_QUANTS, ("w8a4_per_tensor_minmax", "W8A4")]),
     "methods-cifar10-w4": lambda: methods("methods_cifar10", [("w4a8_per_tensor_minmax", "W4A8"),
                                                               ("w8a4_per_tensor_minmax", "W8A4")], layers=False),
     "ptq-cifar10": lambda: ptq_ladder("ptq_cifar10"),
