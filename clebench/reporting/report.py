@@ -51,7 +51,8 @@ from clebench.sweep.results import (
     read_json,
     upgrade_legacy,
 )
-from clebench.sweep.steps import ADAROUND, BIAS_CORRECTION_STEPS, NO_STEPS, STEP_ORDER
+from clebench.sweep.plan import prefixes_of
+from clebench.sweep.steps import NO_STEPS, STEP_ORDER, combination_name, split_combination
 
 STEP_LABELS = {
     "bn_fold": "BN fold",
@@ -240,8 +241,8 @@ METHODS_NOTE = ("Each quantized cell: top-1 (%) simulated{}. FP32 steps: wall ti
 
 def _fp32_prefixes(steps: str) -> list[str]:
     """'bn_fold+cls+hbf+bias_correction' -> ['bn_fold', 'bn_fold+cls', 'bn_fold+cls+hbf'] (step_costs.csv keys)."""
-    fp32 = [s for s in step_names(steps) if s not in BIAS_CORRECTION_STEPS and s != ADAROUND]
-    return ["+".join(fp32[:end]) for end in range(1, len(fp32) + 1)]
+    fp32, _ = split_combination(tuple(step_names(steps)))
+    return [combination_name(prefix) for prefix in prefixes_of(fp32)[1:]]
 
 
 def method_cells(group: pd.DataFrame, costs: pd.DataFrame) -> Table:
