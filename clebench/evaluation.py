@@ -21,9 +21,9 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "c
     loader yields (inputs [B, ...], int labels [B]); the model must return logits [B, classes]. With fewer than
     5 classes, top-5 counts all of them. The model's train/eval mode is restored afterwards.
     channels_last: run 4-D inputs and a copy of the model in torch.channels_last memory format. On the CPU it is
-    up to 3x faster for MobileNetV2 (scripts/bench_engines.py), but the convolutions sum in another order, and in a
-    fake-quantized model a value that lies on a rounding boundary then moves by one grid step, which flips the
-    top-1 of ~0.1-0.3 % of images; so it is opt-in.
+    up to 3x faster for MobileNetV2 (scripts/benchmarks/bench_engines.py), but the convolutions sum in another
+    order, and in a fake-quantized model a value that lies on a rounding boundary then moves by one grid step, which
+    flips the top-1 of ~0.1-0.3 % of images; so it is opt-in.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import contextlib
-import platform
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
+
+from clebench.timing import cpu_name
 
 __all__ = ["PRECISION_POLICY", "fp32_precision", "device_info"]
 
@@ -33,20 +33,11 @@ def device_info(device: str | torch.device) -> dict[str, str | None]:
     device = torch.device(device)
     cuda = device.type == "cuda"
     return {
-        "device_name": torch.cuda.get_device_name(device) if cuda else _cpu_name(),
-        "cpu_name": _cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if cuda else cpu_name(),
+        "cpu_name": cpu_name(),
         "cpu_isa": torch.backends.cpu.get_cpu_capability(),  # the vector ISA torch's CPU kernels use, e.g. AVX512
         "precision_policy": PRECISION_POLICY,
         "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda,
         "cudnn_version": str(torch.backends.cudnn.version()) if cuda else None,
     }
-
-
-def _cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()

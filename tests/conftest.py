@@ -21,10 +21,22 @@ from sweeps import CONFIG, run_sweep
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
+def script_path(name: str) -> Path:
+    """scripts/<group>/<name>.py: script names are unique across the groups."""
+    found = sorted(SCRIPTS.glob(f"*/{name}.py"))
+    if len(found) != 1:
+        raise LookupError(f"{len(found)} scripts named {name}.py under {SCRIPTS}")
+    return found[0]
+
+
 def load_script(name: str) -> ModuleType:
-    """scripts/<name>.py as module `name` (the scripts are no package), loaded once per test session."""
+    """scripts/<group>/<name>.py as module `name` (the scripts are no package), loaded once per test session. Its
+    folder goes on sys.path first, as running the script puts it there, so it imports the helpers beside it."""
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+        path = script_path(name)
+        if str(path.parent) not in sys.path:
+            sys.path.insert(0, str(path.parent))
+        spec = importlib.util.spec_from_file_location(name, path)
         sys.modules[name] = module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     return sys.modules[name]
@@ -110,6 +122,17 @@ def uninterrupted(config_file, tmp_path_factory) -> Path:
     result = run_sweep(config_file, out)
     assert result.returncode == 0, result.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def benchmark_rerun(config_file, tmp_path_factory):
+    """The same tiny config run a second time, from Python (clebench.benchmark, out= a folder): (its frame, its
+    folder). test_api checks the frame is the CLI's results.csv; test_sweep that the second run's rows are the first's
+    byte for byte. One run serves both (each was a full 8-row sweep of its own)."""
+    import clebench
+
+    out = tmp_path_factory.mktemp("sweeps") / "rerun"
+    return clebench.benchmark(config_file, out=out), out
 
 
 class ClippedNet(nn.Module):

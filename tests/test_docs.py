@@ -64,7 +64,7 @@ def test_every_marker_is_filled_and_no_asset_is_remote(site):
     for page in pages:
         text = page.read_text(encoding="utf-8")
         assert not re.search(r"<!-- (readme:|cli-reference|config-reference)", text), page
-        assert not EMPTY_TABLE.search(text), page  # scripts/readme_tables.py fills a block between its markers
+        assert not EMPTY_TABLE.search(text), page  # scripts/results/readme_tables.py fills a block between its markers
         assert not REMOTE_ASSET.search(text), f"{page}: {REMOTE_ASSET.search(text)[0]}"
     for sheet in site.rglob("*.css"):
         assert not REMOTE_CSS.search(sheet.read_text(encoding="utf-8")), sheet

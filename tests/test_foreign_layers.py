@@ -15,7 +15,7 @@ from clebench.batch_norm_fold import fold_all_batch_norms, fold_given_batch_norm
 from clebench.cross_layer_equalization import CrossLayerScaling
 from clebench.quant import QuantConfig, QuantSim
 
-zoo_coverage = load_script("zoo_coverage")  # scripts/zoo_coverage.py: the timm report's checks
+zoo_coverage = load_script("zoo_coverage")  # scripts/zoo/zoo_coverage.py: the timm report's checks
 
 
 class BatchNormAct(nn.BatchNorm2d):

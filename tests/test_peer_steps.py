@@ -216,7 +216,7 @@ def test_brevitas_rows_equal_the_standalone_script(tmp_path, data_root, models_d
     row = run_sweep(parse_config(raw), tmp_path / "sweep", data_root=data_root, models_dir=models_dir,
                     progress=False).table.iloc[0]
     script = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "brevitas_standalone.py"), "--model", "mobilenet_v2_cifar10",
+        [sys.executable, str(REPO / "scripts" / "peers" / "brevitas_standalone.py"), "--model", "mobilenet_v2_cifar10",
          "--quant", quant, "--iterations", "2", "--data", str(data_root), "--models-dir", str(models_dir),
          *[f"--{key.replace('_', '-')}={value}" for key, value in images.items()]],
         capture_output=True, text=True, check=True, timeout=600).stdout

@@ -1,15 +1,16 @@
-"""The tables of the README and the docs pages come from the committed results (scripts/readme_tables.py): CI fails
-when they disagree."""
+"""The tables of the README and the docs pages come from the committed results (scripts/results/readme_tables.py):
+CI fails when they disagree."""
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "readme_tables.py"
+SCRIPT = ROOT / "scripts" / "results" / "readme_tables.py"
 
 
 def _module():
@@ -70,9 +71,8 @@ def test_ptq_ladder_picks_the_models_cls_step_and_subtracts_adaround_without_cle
     assert "| MobileNetV2 | AdaRound rows' seconds, with / without CLE |  | 1 / — |" in lines
 
 
-def test_the_adaround_time_table_reads_back_what_bench_adaround_prints(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    bench = importlib.import_module("bench_adaround")
+def test_the_adaround_time_table_reads_back_what_bench_adaround_prints():
+    bench = load_script("bench_adaround")
     tables = _module()
     seconds = {("clebench", 200): 60.0, ("aimet", 200): 130.0, ("clebench", 1000): 280.0, ("aimet", 1000): 514.0}
     text = "\n".join([bench.format_row(seconds, 200, 21, [2.2, 2.1, 2.0]), bench.format_row(seconds, 1000, 21),

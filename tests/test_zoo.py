@@ -1,4 +1,5 @@
-"""CLE on a fast subset of the torchvision zoo (scripts/zoo_coverage.py runs all of it), and the checker's own checks.
+"""CLE on a fast subset of the torchvision zoo (scripts/zoo/zoo_coverage.py runs all of it), and the checker's own
+checks.
 
 Expected counts were read off results/zoo_coverage.md; a change means clebench now finds different BN folds or
 CLS sets on a stock architecture, which must be explained. VGG is left out: initialising its 100M-parameter
@@ -133,16 +134,16 @@ def test_unexpected_error_is_recorded_and_the_run_goes_on(monkeypatch, tmp_path)
     result = zoo_coverage.check(conv_relu_conv(), "exploding", 8)
     assert result.status == "FAIL" and result.problems == ["unexpected RuntimeError: boom"]
     assert math.isnan(result.rel_hbf) and result.keep.sets == (1, 0)  # the steps before the error were recorded
-    report = zoo_coverage.render([result], "python scripts/zoo_coverage.py", threads=1, finished=True)
+    report = zoo_coverage.render([result], "python scripts/zoo/zoo_coverage.py", threads=1, finished=True)
     assert "| exploding | 8 | yes | 0/0 |" in report and "- exploding: unexpected RuntimeError: boom" in report
 
 
 def test_script_writes_the_report_for_a_model_filter(tmp_path):
     output = tmp_path / "zoo.md"
-    command = [sys.executable, "scripts/zoo_coverage.py", "--models", "squeezenet1_.", "--output", str(output)]
+    command = [sys.executable, "scripts/zoo/zoo_coverage.py", "--models", "squeezenet1_.", "--output", str(output)]
     assert subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300).returncode == 0
     text = output.read_text()
-    assert f"torch {torch.__version__}" in text and "`python scripts/zoo_coverage.py --models squeezenet1_. --output" in text
+    assert f"torch {torch.__version__}" in text and "`python scripts/zoo/zoo_coverage.py --models squeezenet1_. --output" in text
     assert "**2 models: 2 ok, 0 rejected with UntraceableModelError, 0 FAIL. Export: 2 exported, 0 refused;" in text
     assert "| squeezenet1_0 | 64 | yes |" in text and "| squeezenet1_1 | 64 | yes |" in text
     assert [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| squeeze")] == ["| squeezenet1_0", "| squeezenet1_1"]

@@ -32,7 +32,7 @@ class QuantConfig:
     aimet_rules: AIMET 2.x's two encoding rules where they differ from the above: a symmetric weight scale of
         max(max / (2^(b-1) - 1), -min / 2^(b-1)), which uses the level -2^(b-1) when the negative side dominates,
         and activation ranges calibrated with the weights already quantized. They move top-1 by about a point at
-        W4A8 (scripts/compare_aimet.py).
+        W4A8 (scripts/peers/compare_aimet.py).
     """
 
     weight_bits: int = 8

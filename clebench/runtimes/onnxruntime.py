@@ -22,6 +22,7 @@ from clebench.evaluation import accuracy
 from clebench.runtimes import MODES
 from clebench.runtimes.engines import LayerPrecision
 from clebench.runtimes.export import require
+from clebench.timing import cpu_name
 
 # ops that run on integers after Runtime's QDQ fusion (contrib QLinear* ops live in com.microsoft)
 INTEGER_OPS = {"QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul",
@@ -144,13 +145,13 @@ def with_outputs(path: str | os.PathLike, names: list[str], out: str | os.PathLi
 
 
 def _cpu_info() -> tuple[str, set[str]]:
+    """(the CPU model name, clebench.timing.cpu_name's, "unknown" without one; its /proc/cpuinfo flags)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return "unknown", set()
-    model = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
     flags = re.search(r"^flags\s*:\s*(.+)$", text, re.MULTILINE)
-    return (model.group(1).strip() if model else "unknown"), set(flags.group(1).split()) if flags else set()
+    return cpu_name(fallback="unknown"), set(flags.group(1).split()) if flags else set()
 
 
 def int8_gemm_path(flags: set[str]) -> str:

@@ -5,17 +5,16 @@ conv/linear weights only (not on BatchNorm, biases or depthwise kernels), label 
 with 4-pixel zero padding + horizontal flip, bf16 autocast. The whole data set is decoded once (clebench.data.datasets)
 and stays on the device as uint8; augmentation runs there too.
 
-    python scripts/train_cifar.py --model resnet18_cifar10 --out runs/cifar            # GPU, ~100 s on an H200
-    python scripts/train_cifar.py --model mobilenet_v2_cifar10 --epochs 1 --limit 1024 --device cpu   # smoke test
+    python scripts/training/train_cifar.py --model resnet18_cifar10 --out runs/cifar            # GPU, ~100 s on an H200
+    python scripts/training/train_cifar.py --model mobilenet_v2_cifar10 --epochs 1 --limit 1024 --device cpu   # smoke test
 
-Writes <out>/<model>.pt (float32 state_dict) and <out>/<model>.json (recipe, test accuracy, sha256); after every
+Output: writes <out>/<model>.pt (float32 state_dict) and <out>/<model>.json (recipe, test accuracy, sha256); after every
 epoch <out>/<model>.resume.pt, which --resume continues from.
 """
 import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from clebench import timing
 from clebench.data.datasets import ImageSet, batches, load_images
 from clebench.models.checkpoint import sha256_file
 from clebench.models.cifar import CIFAR10_BUILDERS
@@ -33,11 +33,11 @@ RECIPES = {"resnet18_cifar10": ("resnet18", 0.4, 5e-4), "mobilenet_v2_cifar10": 
 PAD = 4
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=timing.HelpFormatter)
     parser.add_argument("--model", required=True, choices=sorted(RECIPES))
     parser.add_argument("--data", default=None, help="data root holding cifar10/{train,test} (default: CLEBENCH_DATA)")
-    parser.add_argument("--out", type=Path, default=Path("runs/cifar"), help="output folder (default: runs/cifar)")
+    parser.add_argument("--out", type=Path, default=Path("runs/cifar"), help="output folder of the checkpoint, its JSON record and the resume state (default: runs/cifar)")
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--lr", type=float, default=None, help="OneCycle peak learning rate (default: the recipe's)")
@@ -48,6 +48,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast dtype")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from <out>/<model>.resume.pt")
+    return parser
+
+
+def parse_args() -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args()
     for name in ("epochs", "batch_size", "limit"):
         value = getattr(args, name)
@@ -142,7 +147,7 @@ def train(args: argparse.Namespace) -> None:
     bar = tqdm(total=args.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, desc=args.model, unit="step")
     for epoch in range(start_epoch, args.epochs):
         model.train()
-        started = time.perf_counter()
+        clock = timing.Stopwatch()
         order = torch.randperm(len(train_set), device=args.device, generator=generator)
         for step in range(steps_per_epoch):
             index = order[step * args.batch_size:(step + 1) * args.batch_size]
@@ -156,7 +161,7 @@ def train(args: argparse.Namespace) -> None:
             bar.update()
         if device_type == "cuda":
             torch.cuda.synchronize()
-        train_seconds += time.perf_counter() - started
+        train_seconds += clock.seconds
         bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),

@@ -1,14 +1,14 @@
 """clebench against AIMET (`aimet-torch`, needed here): do the two equalize models alike?
 
-    /opt/aimetenv/bin/python scripts/bench_peers_agreement.py [--models resnet18 ...]
+    /opt/aimetenv/bin/python scripts/peers/bench_peers_agreement.py [--models resnet18 ...]
 
 clebench vs AIMET `equalize_model`, both with ReLU6 -> ReLU: the largest relative difference between
 corresponding weights / biases (max |a - b| / max |a| per tensor, max over tensors, a = AIMET), the CLS set lists,
 and the largest relative difference of FP32 logits on 64 real images (CIFAR-10 test for the checkpoints, the
 ImageNet sample for the ImageNet-shape models).
 
-Prints its table and merges its rows into results/bench/peers.csv (rows of this section replace older ones), then
-rewrites results/bench/peers.md (scripts/_peers.py). The machine is shared, so ratios are what matter. Without
+Output: prints its table and merges its rows into results/bench/peers.csv (rows of this section replace older ones), then
+rewrites results/bench/peers.md (scripts/peers/_peers.py). The machine is shared, so ratios are what matter. Without
 AIMET the section is skipped.
 """
 from __future__ import annotations
@@ -118,11 +118,15 @@ def measure(args: argparse.Namespace, aimet: SimpleNamespace | None) -> SectionR
     return result
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = _peers.parser(__doc__)
     parser.add_argument("--models", nargs="+", choices=_peers.CLE_MODELS, default=list(_peers.CLE_MODELS),
                         help="models to equalize (default all four)")
-    _peers.run_section("agreement", measure, parser.parse_args())
+    return parser
+
+
+def main() -> None:
+    _peers.run_section("agreement", measure, build_parser().parse_args())
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """AdaRound: clebench against AIMET (aimet-torch 2.42) on the CIFAR-10 checkpoints, same call, data and iterations.
 
-    /opt/aimetenv/bin/python scripts/compare_aimet_adaround.py [--iterations 200] [--limit N] [--out FILE]
+    /opt/aimetenv/bin/python scripts/peers/compare_aimet_adaround.py [--iterations 200] [--limit N] [--out FILE]
 
 Each checkpoint is BN-folded once (clebench's fold) and every tool rounds a copy of that model: W4 per-tensor
 weights (AIMET's per-tensor default_config.json, quant scheme "tf", AIMET's symmetric scale rule in both), learned
@@ -20,6 +20,9 @@ With `--repeats N` the aimet and clebench calls run N times each, alternating (A
 first in even ones, so drift in the machine's load falls on both): the seconds are medians, every repeat's ratio is
 listed, AIMET's top-1 (it seeds nothing) is given with its range over the repeats, and every clebench repeat must
 give the same weights bit for bit (the script stops if not).
+
+Output: prints the markdown table to stdout; with --out, also writes it to that file
+(results/bench/adaround_aimet.md is the committed one).
 """
 from __future__ import annotations
 
@@ -29,7 +32,6 @@ import datetime
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -37,6 +39,7 @@ import torch
 import _peers
 from bench_adaround import load_aimet_adaround
 
+from clebench import timing
 from clebench.adaround import AdaroundSettings, apply_adaround_to_model
 from clebench.adaround.adaround_weight import Adaround, AdaroundParameters, QuantScheme
 from clebench.batch_norm_fold import fold_all_batch_norms
@@ -53,9 +56,9 @@ COLUMNS = ("nearest", "aimet", "clebench", "clebench lr 1e-3")
 
 def timed(call):
     """(result, wall seconds, CPU seconds of this process) of call()."""
-    wall, cpu = time.perf_counter(), time.process_time()
+    clock = timing.Stopwatch()
     result = call()
-    return result, time.perf_counter() - wall, time.process_time() - cpu
+    return result, clock.seconds, clock.cpu_seconds
 
 
 def api_adaround(tool, model, images: list[torch.Tensor], iterations: int, config_file: str):
@@ -147,8 +150,8 @@ def table_rows(name: str, top1: dict[str, list[float]], wall: dict[str, list[flo
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=timing.HelpFormatter)
     parser.add_argument("--data", default=None, help="data root holding cifar10/ (default: env CLEBENCH_DATA)")
     parser.add_argument("--models-dir", default=None, help="folder of the checkpoints (default: env CLEBENCH_MODELS)")
     parser.add_argument("--models", nargs="+", default=list(_peers.CIFAR_MODELS), choices=_peers.CIFAR_MODELS)
@@ -158,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=positive_int, default=1,
                         help="time AIMET and clebench this many times each, alternating (medians, spread)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     aimet_tool, aimet = load_aimet_adaround()

@@ -5,8 +5,10 @@ shows them as committed) and results/cifar10/README.md is the output of BLOCKS[N
 under results/; nothing is typed by hand. With --check nothing is written and the exit status is 1 when a file
 differs from what the results give (CI runs it through tests/test_readme_tables.py).
 
-    python scripts/readme_tables.py            # rewrite the blocks
-    python scripts/readme_tables.py --check    # exit 1 and name the stale blocks
+    python scripts/results/readme_tables.py            # rewrite the blocks
+    python scripts/results/readme_tables.py --check    # exit 1 and name the stale blocks
+
+Output: rewrites the stale blocks in place in those files (nothing with --check) and prints which were stale.
 """
 from __future__ import annotations
 
@@ -20,11 +22,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from clebench import timing
 from clebench.adaround import AdaroundSettings
 from clebench.reporting.report import STEP_LABELS, method_cells, read_results_table
 from clebench.sweep.results import KEY_COLUMNS, STEP_COSTS_FILE
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), ROOT / "results" / "cifar10" / "README.md"]
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
 MODEL_NAMES = {"resnet18_cifar10": "ResNet18", "mobilenet_v2_cifar10": "MobileNetV2",
@@ -170,7 +173,7 @@ def _steps_label(steps: str) -> str:
 
 
 def deploy_gap() -> str:
-    """results/bench/deploy_gap.md (scripts/deploy_gap.py), with readable model, step and weight names."""
+    """results/bench/deploy_gap.md (scripts/deploy/deploy_gap.py), with readable model, step and weight names."""
     rows = []
     for row in _markdown_rows(ROOT / "results" / "bench" / "deploy_gap.md"):
         rows.append([MODEL_NAMES[row["model"]], _steps_label(row["steps"]), "W" + row["quant"][1],
@@ -182,7 +185,7 @@ def deploy_gap() -> str:
 
 
 def deploy_runtimes() -> str:
-    """Both runtimes against the torch simulation, from results/bench/deploy_runtimes.md (scripts/deploy_runtimes.py)."""
+    """Both runtimes against the torch simulation, from results/bench/deploy_runtimes.md (scripts/deploy/deploy_runtimes.py)."""
     rows = []
     for row in _markdown_rows(ROOT / "results" / "bench" / "deploy_runtimes.md"):
         rows.append([MODEL_NAMES[row["model"]], _steps_label(row["steps"]), "W" + row["quant"][1], row["sim top-1"],
@@ -196,7 +199,7 @@ def deploy_runtimes() -> str:
 
 def engine_sweeps() -> str:
     """The full configs/cifar10.toml sweep per engine: wall time from each results folder's meta.json, and the openvino
-    engine's rows against the torch engine's from results/bench/engine_agreement_openvino_*.md (scripts/compare_runs.py)."""
+    engine's rows against the torch engine's from results/bench/engine_agreement_openvino_*.md (scripts/results/compare_runs.py)."""
     body = []
     for model, short in (("resnet18_cifar10", "resnet18"), ("mobilenet_v2_cifar10", "mobilenet_v2")):
         walls = [json.loads((ROOT / "results" / folder / model / "meta.json").read_text())["last_run_work"]["wall_seconds"]
@@ -212,7 +215,7 @@ def engine_sweeps() -> str:
 
 
 def adaround_aimet() -> str:
-    """clebench's AdaRound against AIMET's, from results/bench/adaround_aimet.md (scripts/compare_aimet_adaround.py)."""
+    """clebench's AdaRound against AIMET's, from results/bench/adaround_aimet.md (scripts/peers/compare_aimet_adaround.py)."""
     rows = _markdown_rows(ROOT / "results" / "bench" / "adaround_aimet.md")
     columns = list(rows[0])[1:]
     return markdown(["model", *columns], [[MODEL_NAMES[r["model"]], *(r[c] for c in columns)] for r in rows], left=2)
@@ -229,7 +232,7 @@ ADAROUND_TIME_CONVOLUTION = re.compile(r"convolution alone:\s+([\d.]+) ms/layer-
 def adaround_time() -> str:
     """Whole-model AdaRound seconds per tool at two iteration counts (with each repeat's ratio), the marginal cost of
     one layer-iteration and of its convolution alone, from results/bench/adaround_time_resnet18.txt (the output of
-    scripts/bench_adaround.py)."""
+    scripts/peers/bench_adaround.py)."""
     text = (ROOT / "results" / "bench" / "adaround_time_resnet18.txt").read_text(encoding="utf-8")
     rows = [[f"{int(m[1]):,} iterations per layer", f"{float(m[4]):.0f} s", f"{float(m[2]):.0f} s",
              m[6] + (f" (per repeat {m[7]})" if m[7] else "")] for m in ADAROUND_TIME_ROW.finditer(text)]
@@ -259,7 +262,7 @@ def adaround_schedule() -> str:
 
 
 def engine_speed() -> str:
-    """Speed against the torch simulation, from results/bench/engines.md (scripts/bench_engines.py)."""
+    """Speed against the torch simulation, from results/bench/engines.md (scripts/benchmarks/bench_engines.py)."""
     rows = {(r["model"], r["engine"]): r["vs torch sim"] for r in _markdown_rows(ROOT / "results" / "bench" / "engines.md")}
     engines = ["onnxruntime-sim", "onnxruntime-int8", "torch sim channels_last", "torch FP32"]
     body = [[MODEL_NAMES[m], *(rows[(m, e)] for e in engines)] for m in ("mobilenet_v2_cifar10", "resnet18_cifar10")]
@@ -267,8 +270,8 @@ def engine_speed() -> str:
 
 
 def simulation_cost() -> str:
-    """W8A8 simulation time / FP32 time, from results/bench/peers.md (scripts/bench_peers_simulation.py) and
-    results/bench/engines.md (scripts/bench_engines.py)."""
+    """W8A8 simulation time / FP32 time, from results/bench/peers.md (scripts/peers/bench_peers_simulation.py) and
+    results/bench/engines.md (scripts/benchmarks/bench_engines.py)."""
     peers = [line for line in (ROOT / "results" / "bench" / "peers.md").read_text(encoding="utf-8").splitlines()
              if "eval time / FP32 eval time" in line]
     ratio = {line.split("|")[1].strip(): line.split("|")[5].strip() for line in peers}
@@ -295,6 +298,8 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "methods-cifar10": lambda: methods("methods_cifar10", [*CIFAR_QUANTS, ("w8a4_per_tensor_minmax", "W8A4")]),
     "methods-cifar10-w4": lambda: methods("methods_cifar10", [("w4a8_per_tensor_minmax", "W4A8"),
                                                               ("w8a4_per_tensor_minmax", "W8A4")], layers=False),
+    "methods-cifar10-nncf": lambda: methods("methods_cifar10_nncf", CIFAR_QUANTS[:1] + [("w8a8_per_channel_minmax",
+                                                                                       "W8A8 per-channel")]),
     "ptq-cifar10": lambda: ptq_ladder("ptq_cifar10"),
     "ptq-imagenet-sample-lite0": lambda: ptq_ladder("ptq_imagenet_sample_lite0", decimals=1),
     "deploy_runtimes": deploy_runtimes,
@@ -318,9 +323,14 @@ def regenerate(text: str, source: str) -> str:
     return BLOCK.sub(block, text)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=timing.HelpFormatter)
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 when a file differs from the results")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     stale = []
     for path in FILES:
@@ -332,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         if new != text and not args.check:
             path.write_text(new, encoding="utf-8")
     if args.check and stale:
-        print("out of date with results/ (run python scripts/readme_tables.py): " + "; ".join(stale), file=sys.stderr)
+        print("out of date with results/ (run python scripts/results/readme_tables.py): " + "; ".join(stale), file=sys.stderr)
         return 1
     print(("stale: " if stale else "up to date: ") + ", ".join(stale or [str(p.relative_to(ROOT)) for p in FILES]))
     return 0

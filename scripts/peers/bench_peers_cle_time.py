@@ -1,7 +1,7 @@
 """clebench against its peers, cross-layer equalization time: clebench, AIMET (`aimet-torch`, optional) and
 PyTorch's `torch.ao.quantization._equalize`.
 
-    /opt/aimetenv/bin/python scripts/bench_peers_cle_time.py [--models resnet18 ...] [--fresh-runs 3] [--repeats 5]
+    /opt/aimetenv/bin/python scripts/peers/bench_peers_cle_time.py [--models resnet18 ...] [--fresh-runs 3] [--repeats 5]
 
 Wall time of cross-layer equalization on torchvision ResNet18 / MobileNetV2 (random weights, randomized BN
 statistics, input (1, 3, 224, 224)) and on the two CIFAR-10 checkpoints (input (1, 3, 32, 32)). "first call" is the
@@ -16,8 +16,8 @@ high-bias fold) on a model BN-folded beforehand (untimed), with the pairs cleben
 layer is a depthwise conv: torch.ao reads the second layer's input ranges on weight axis 1, which has size 1 for a
 depthwise conv, so of each conv -> depthwise -> conv triple only the depthwise -> conv pair remains.
 
-Prints its table and merges its rows into results/bench/peers.csv (rows of this section replace older ones), then
-rewrites results/bench/peers.md (scripts/_peers.py). The machine is shared, so ratios are what matter. Without
+Output: prints its table and merges its rows into results/bench/peers.csv (rows of this section replace older ones), then
+rewrites results/bench/peers.md (scripts/peers/_peers.py). The machine is shared, so ratios are what matter. Without
 AIMET the clebench and torch.ao columns still run.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from _peers import Row, SectionResult
 from torch import nn
 from torch.ao.quantization import _equalize as torch_ao
 
-from clebench import layers
+from clebench import layers, timing
 from clebench.batch_norm_fold import fold_all_batch_norms
 from clebench.cross_layer_equalization import CrossLayerScaling, equalize_model
 
@@ -91,7 +91,7 @@ def first_call_in_fresh_process(tool: str, model_name: str, models_dir: str | No
     if tool == "aimet" and aimet is None:
         raise RuntimeError(_peers.aimet_missing_message())
     model, shape = _peers.bench_model(model_name, models_dir)
-    return _peers.timed(cle_call_factory(tool, model, shape, aimet)())
+    return timing.seconds(cle_call_factory(tool, model, shape, aimet)(), hold_gc=True)
 
 
 def first_call_seconds(tool: str, model_name: str, args: argparse.Namespace) -> float:
@@ -123,7 +123,7 @@ def time_cle(tools: list[str], model_name: str, args: argparse.Namespace, aimet:
             first[tool].append(first_call_seconds(tool, model_name, args))
     for _ in range(args.repeats):
         for tool, make in makers.items():
-            repeated[tool].append(_peers.timed(make()))
+            repeated[tool].append(timing.seconds(make(), hold_gc=True))
     return {tool: (statistics.median(first[tool]), statistics.median(repeated[tool])) for tool in makers}, failures
 
 
@@ -147,7 +147,7 @@ def measure(args: argparse.Namespace, aimet: SimpleNamespace | None) -> SectionR
     return result
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = _peers.parser(__doc__)
     parser.add_argument("--models", nargs="+", choices=_peers.CLE_MODELS, default=list(_peers.CLE_MODELS),
                         help="models to equalize (default all four)")
@@ -155,7 +155,11 @@ def main() -> None:
                         help="fresh processes per first-call time (median)")
     parser.add_argument("--repeats", type=_peers.positive_int, default=5,
                         help="repeated CLE calls per model and tool (median)")
-    _peers.run_section("cle-time", measure, parser.parse_args())
+    return parser
+
+
+def main() -> None:
+    _peers.run_section("cle-time", measure, build_parser().parse_args())
 
 
 if __name__ == "__main__":

@@ -1,27 +1,29 @@
 """Local vs Ray: wall time and work of the same sweep, Ray's overhead per task, and (with a GPU) one card shared by
 1, 2 and 4 concurrent tasks.
 
-    python scripts/bench_ray.py [--config configs/cifar10_ci.toml] [--limit N] [--markdown results/bench/ray.md]
+    python scripts/benchmarks/bench_ray.py [--config configs/cifar10_ci.toml] [--limit N] [--markdown results/bench/ray.md]
 
 Each sweep runs in a fresh process (`clebench sweep`, data and checkpoints from CLEBENCH_DATA / CLEBENCH_MODELS) into
 a temporary folder: in-process, on a local Ray with prefix units, and on a local Ray with one unit per model. The
 table gives wall time, the ratio to the in-process run, the work counters and whether results.csv (apart from
 `seconds`) and ranges.csv are byte-identical to the in-process run's. The machine is shared, so compare ratios.
+
+Output: prints the tables to stdout; with --markdown, also writes them to that file (results/bench/ray.md and
+results/gpu/ray_gpu_sharing.md are such runs).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from clebench import timing
 from clebench.precision import fp32_precision
 from clebench.sweep.results import read_json, row_differences
 
@@ -37,10 +39,9 @@ def run_variant(config: Path, limit: int | None, extra_args: list[str], extra_to
     variant_config.write_text(config.read_text() + extra_toml)
     command = [sys.executable, "-m", "clebench", "sweep", str(variant_config), "--out", str(out), "--no-progress",
                *extra_args, *(["--limit", str(limit)] if limit else [])]
-    started = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True, text=True)
+    process_seconds = timing.seconds(lambda: subprocess.run(command, check=True, capture_output=True, text=True))
     work = read_json(out / "meta.json")["last_run_work"]
-    return {"process_seconds": time.perf_counter() - started, **work}
+    return {"process_seconds": process_seconds, **work}
 
 
 def task_overhead(tasks: int = 50) -> tuple[float, float]:
@@ -50,14 +51,8 @@ def task_overhead(tasks: int = 50) -> tuple[float, float]:
     ray.init(include_dashboard=False, logging_level="warning", log_to_driver=False)
     empty = ray.remote(lambda: None)
     ray.get([empty.remote() for _ in range(4)])  # start the workers first
-    round_trips = []
-    for _ in range(tasks):
-        started = time.perf_counter()
-        ray.get(empty.remote())
-        round_trips.append(time.perf_counter() - started)
-    started = time.perf_counter()
-    ray.get([empty.remote() for _ in range(tasks)])
-    batched = (time.perf_counter() - started) / tasks
+    round_trips = [timing.seconds(lambda: ray.get(empty.remote())) for _ in range(tasks)]
+    batched = timing.seconds(lambda: ray.get([empty.remote() for _ in range(tasks)])) / tasks
     ray.shutdown()
     return statistics.median(round_trips) * 1000, batched * 1000
 
@@ -73,21 +68,20 @@ def gpu_sharing(images: int = 20_000, batch: int = 250) -> list[tuple[int, float
         model = torchvision.models.mobilenet_v2().cuda().eval()
         data = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, device="cuda")
         torch.cuda.synchronize()
-        started = time.perf_counter()
+        clock = timing.Stopwatch()
         with torch.inference_mode(), fp32_precision():
             for _ in range(count // batch):
                 model(data.float().div_(255)).argmax(1)
         torch.cuda.synchronize()
-        return time.perf_counter() - started
+        return clock.seconds
 
     ray.init(include_dashboard=False, logging_level="warning", log_to_driver=False)
     rates = []
     for concurrent in (1, 2, 4):
         task = ray.remote(evaluate).options(num_gpus=1 / concurrent)
         ray.get([task.remote(batch) for _ in range(concurrent)])  # warm up each worker's CUDA context
-        started = time.perf_counter()
-        ray.get([task.remote(images // concurrent) for _ in range(concurrent)])
-        rates.append((concurrent, images / (time.perf_counter() - started)))
+        elapsed = timing.seconds(lambda: ray.get([task.remote(images // concurrent) for _ in range(concurrent)]))
+        rates.append((concurrent, images / elapsed))
     ray.shutdown()
     return rates
 
@@ -114,17 +108,22 @@ def sweep_lines(config: Path, limit: int | None) -> list[str]:
                     "are submitted at once (local Ray, workers started)."]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=timing.HelpFormatter)
     parser.add_argument("--config", type=Path, default=Path("configs/cifar10_ci.toml"))
     parser.add_argument("--limit", type=int, help="evaluation images (default: the config's)")
     parser.add_argument("--gpu-sharing-only", action="store_true", help="skip the sweeps and the overhead measurement")
     parser.add_argument("--markdown", type=Path, help="also write the tables to this file")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     title = "One GPU shared by Ray tasks" if args.gpu_sharing_only else \
         f"Local vs Ray: `{args.config}`{f' --limit {args.limit}' if args.limit else ''}"
     lines = [f"# {title}", "",
-             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}", ""]
+             f"{timing.cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}", ""]
     if not args.gpu_sharing_only:
         lines += sweep_lines(args.config, args.limit)
     if torch.cuda.is_available():

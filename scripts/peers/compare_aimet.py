@@ -1,6 +1,6 @@
 """Top-1 of clebench's simulated per-tensor min/max quantization against AIMET's QuantizationSimModel.
 
-    /opt/aimetenv/bin/python scripts/compare_aimet.py [--limit 2000] [--weight-bits 8 6 4] [--cle]
+    /opt/aimetenv/bin/python scripts/peers/compare_aimet.py [--limit 2000] [--weight-bits 8 6 4] [--cle]
 
 For each CIFAR-10 reference checkpoint and each W<b>A8 setting, both simulators calibrate on the same 512 CIFAR-10
 train images (the first files of each class in sorted order) and are evaluated on the same CIFAR-10 test images
@@ -32,6 +32,8 @@ How the two are made to simulate the same network (AIMET 2.42, read from its sou
   - AIMET calibrates activation ranges with the weights already quantized; clebench with FP32 weights.
 
 `--cle` runs each tool's own `equalize_model` first (ReLU6 -> ReLU in both, as AIMET >= 2.4 no longer does it).
+
+Output: prints the table (and any DISAGREE / NOT COMPARED line) to stdout; writes no file.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ from torch import nn
 
 import _peers  # the scripts' shared helpers live beside them
 
+from clebench import timing
 from clebench.cross_layer_equalization import equalize_model
 from clebench.data.datasets import batches
 from clebench.evaluation import evaluate
@@ -72,8 +75,8 @@ class Comparison:
         return None if self.aimet is None else self.clebench - self.aimet
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=timing.HelpFormatter)
     parser.add_argument("--data", default=None, help="data root holding cifar10/ (default: env CLEBENCH_DATA)")
     parser.add_argument("--models-dir", default=None, help="folder of the CIFAR-10 checkpoints (default: env CLEBENCH_MODELS)")
     parser.add_argument("--models", nargs="+", default=list(_peers.CIFAR_MODELS), choices=_peers.CIFAR_MODELS)
@@ -86,6 +89,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--aimet-placement", choices=("matched", "shipped"), default="matched",
                         help="matched: drop AIMET's extra depthwise-conv output quantizers (default); shipped: keep them")
     parser.add_argument("--cle", action="store_true", help="equalize with each tool's equalize_model before quantizing")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be a positive image count, got {args.limit}")

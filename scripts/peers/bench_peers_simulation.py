@@ -1,15 +1,15 @@
 """clebench against its peers, quantization simulation: clebench QuantSim, AIMET QuantizationSimModel (optional)
 and FP32.
 
-    /opt/aimetenv/bin/python scripts/bench_peers_simulation.py [--limit 2000 | --full] [--eval-repeats 3]
+    /opt/aimetenv/bin/python scripts/peers/bench_peers_simulation.py [--limit 2000 | --full] [--eval-repeats 3]
 
 W8A8 per-tensor min/max evaluation throughput and top-1 of clebench QuantSim, AIMET
-QuantizationSimModel (set up as in scripts/_peers.py) and the plain FP32 checkpoint (BN unfolded), on the same
+QuantizationSimModel (set up as in scripts/peers/_peers.py) and the plain FP32 checkpoint (BN unfolded), on the same
 CIFAR-10 test images (`--limit`, default 2000; `--full`: all 10,000), calibrated on the same 512 train images.
 Median of `--eval-repeats` passes; sim set-up (fold, build, calibrate) is reported separately.
 
-Prints its table and merges its rows into results/bench/peers.csv (rows of this section replace older ones), then
-rewrites results/bench/peers.md (scripts/_peers.py). The machine is shared, so ratios are what matter. Without
+Output: prints its table and merges its rows into results/bench/peers.csv (rows of this section replace older ones), then
+rewrites results/bench/peers.md (scripts/peers/_peers.py). The machine is shared, so ratios are what matter. Without
 AIMET the clebench and FP32 columns still run.
 """
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
 from collections.abc import Callable
 from types import SimpleNamespace
 
@@ -25,6 +24,7 @@ import _peers  # the scripts' shared helpers live beside them
 from _peers import Row, SectionResult
 from torch import nn
 
+from clebench import timing
 from clebench.data.datasets import batches
 from clebench.evaluation import evaluate
 from clebench.models import model_preprocessing
@@ -37,9 +37,7 @@ def timed_top1(network: nn.Module, loader_factory: Callable[[], object], repeats
     """(top-1 %, median seconds of a full evaluation pass) over `repeats` passes."""
     runs = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        top1 = evaluate(network, loader_factory(), progress=False)["top1"]
-        runs.append((time.perf_counter() - start, top1))
+        runs.append(timing.timed(lambda: evaluate(network, loader_factory(), progress=False)["top1"]))
     if len({top1 for _, top1 in runs}) != 1:
         raise RuntimeError(f"top-1 changed between identical passes: {[top1 for _, top1 in runs]}")
     return runs[0][1], statistics.median(seconds for seconds, _ in runs)
@@ -59,7 +57,7 @@ def simulation_for(model_name: str, args: argparse.Namespace, aimet: SimpleNames
         builders["aimet"] = lambda: _peers.aimet_quantsim(aimet, model, calibration, 8, 8, shape)
     measured: dict[str, tuple[float, float]] = {}
     for tool, build in builders.items():
-        start = time.perf_counter()
+        clock = timing.Stopwatch()
         try:
             network = build()
         except Exception as error:  # only the AIMET builder is allowed to fail
@@ -67,7 +65,7 @@ def simulation_for(model_name: str, args: argparse.Namespace, aimet: SimpleNames
                 raise
             result.rows.append(Row(model_name, "W8A8 top-1", tool, math.nan, "%", _peers.aimet_error(error)))
             continue
-        setup = time.perf_counter() - start
+        setup = clock.seconds
         measured[tool] = timed_top1(network, lambda: batches(test_set, args.batch_size, preprocessing), args.eval_repeats)
         top1, seconds = measured[tool]
         label = f"{'FP32' if tool == 'fp32' else 'W8A8'} top-1 ({len(test_set)} test images)"
@@ -96,7 +94,7 @@ def measure(args: argparse.Namespace, aimet: SimpleNamespace | None) -> SectionR
     return result
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = _peers.parser(__doc__)
     parser.add_argument("--eval-repeats", type=_peers.positive_int, default=3,
                         help="evaluation passes per simulator (median)")
@@ -104,7 +102,11 @@ def main() -> None:
                         help="class-balanced CIFAR-10 test images (default 2000)")
     parser.add_argument("--full", action="store_true", help="evaluate on all 10,000 CIFAR-10 test images")
     parser.add_argument("--batch-size", type=_peers.positive_int, default=250)
-    _peers.run_section("simulation", measure, parser.parse_args())
+    return parser
+
+
+def main() -> None:
+    _peers.run_section("simulation", measure, build_parser().parse_args())
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Benchmark of the data path: decoding, the image cache, memory, and evaluation against a bare GPU-resident loop.
 
-    PYTHONPATH=$PWD python scripts/bench_data.py --data ../shared/data/imagenet-sample
-    PYTHONPATH=$PWD python scripts/bench_data.py --replicate 50000 --eval efficientnet_lite0 --eval-limit 2000
-    PYTHONPATH=$PWD python scripts/bench_data.py --full-size --repeat 3       # ~500x375 JPEGs, as ImageNet val
+    PYTHONPATH=$PWD python scripts/benchmarks/bench_data.py --data ../shared/data/imagenet-sample
+    PYTHONPATH=$PWD python scripts/benchmarks/bench_data.py --replicate 50000 --eval efficientnet_lite0 --eval-limit 2000
+    PYTHONPATH=$PWD python scripts/benchmarks/bench_data.py --full-size --repeat 3       # ~500x375 JPEGs, as ImageNet val
 
 Decoders are interleaved and repeated (best of --repeat), so the ratios hold on a noisy machine:
 ``old`` is the previous loader (PIL in a thread pool, torch ops per image), ``threads`` / ``processes`` are
@@ -11,6 +11,9 @@ resize; not pixel-identical, shown for reference). Then a cold load_images into 
 the peak anonymous memory (RssAnon, sampled), and with --eval the evaluation throughput over ``batches`` against
 a bare loop over the same uint8 images already on the device. Replicas and caches live in a temporary folder that
 is deleted at the end.
+
+Output: prints the figures to stdout (results/gpu/data_*.log are such runs); writes no file except --keep's copies
+and --cache-dir's cache.
 """
 from __future__ import annotations
 
@@ -18,7 +21,6 @@ import argparse
 import shutil
 import tempfile
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,7 +31,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from clebench import evaluate, graph
+from clebench import evaluate, graph, timing
 
 from clebench.data import datasets
 
@@ -39,7 +41,7 @@ from clebench.models import Preprocessing, load_model, model_preprocessing
 from clebench.precision import fp32_precision
 from clebench.sweep.prepare import calibrated_sim
 
-SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-sample"
+SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "imagenet-sample"
 GEOMETRY = Preprocessing(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3)
 
 
@@ -137,29 +139,20 @@ def bench_decoders(paths: list[Path], workers: int, repeat: int, scratch: Path) 
 
     variants = {"old": lambda: old_decoder(paths, workers), "threads": pool(False), "processes": pool(True),
                 "decode_jpeg": lambda: decode_jpeg(paths, workers)}
-    best = dict.fromkeys(variants, float("inf"))
-    for _ in range(repeat):
-        for name, run in variants.items():
-            start = time.perf_counter()
-            run()
-            best[name] = min(best[name], time.perf_counter() - start)
+    times = timing.interleaved(variants, repeat)
     target.unlink(missing_ok=True)
-    return {name: len(paths) / seconds for name, seconds in best.items()}
+    return {name: len(paths) / min(seconds) for name, seconds in times.items()}
 
 
 def bench_cache(folder: Path, cache: Path) -> dict[str, float]:
     root, split = folder.parent, folder.name
     with PeakAnon() as cold_memory:
-        start = time.perf_counter()
-        images = datasets.load_images("imagenet", split, root, GEOMETRY, cache_dir=cache, progress=False,
-                                  wnid_to_idx=wnid_map(folder))
-        cold = time.perf_counter() - start
+        cold, images = timing.timed(lambda: datasets.load_images("imagenet", split, root, GEOMETRY, cache_dir=cache,
+                                                                  progress=False, wnid_to_idx=wnid_map(folder)))
     del images
     with PeakAnon() as hit_memory:
-        start = time.perf_counter()
-        images = datasets.load_images("imagenet", split, root, GEOMETRY, cache_dir=cache, progress=False,
-                                  wnid_to_idx=wnid_map(folder))
-        hit = time.perf_counter() - start
+        hit, images = timing.timed(lambda: datasets.load_images("imagenet", split, root, GEOMETRY, cache_dir=cache,
+                                                                 progress=False, wnid_to_idx=wnid_map(folder)))
         checksum = sum(int(x.sum()) for x, _ in datasets.batches(images, 1000, GEOMETRY))  # touch every pixel
     return {"images": len(images), "cold_s": cold, "cold_img_per_s": len(images) / cold, "hit_s": hit,
             "cold_peak_anon_gb": cold_memory.peak / 1e9, "hit_and_stream_peak_anon_gb": hit_memory.peak / 1e9,
@@ -202,18 +195,13 @@ def bench_eval(model_name: str, folder: Path, cache: Path, limit: int, batch_siz
     variants = {"bare loop (device-resident)": bare, "evaluate(batches) from mapping": harness(images),
                 "evaluate(batches) after to_device": harness(resident),
                 "evaluate(batches) after to_device, channels_last": harness(resident, channels_last=True)}
-    best = dict.fromkeys(variants, float("inf"))
     with fp32_precision():
-        for _ in range(repeat):
-            for name, run in variants.items():
-                start = time.perf_counter()
-                run()
-                best[name] = min(best[name], time.perf_counter() - start)
-    return {name: len(images) / seconds for name, seconds in best.items()}
+        times = timing.interleaved(variants, repeat)
+    return {name: len(images) / min(seconds) for name, seconds in times.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=timing.HelpFormatter)
     parser.add_argument("--data", type=Path, default=SAMPLE, help="ImageNet-style folder (default: the shared sample)")
     parser.add_argument("--replicate", type=int, help="symlink the folder's files up to this many images first")
     parser.add_argument("--full-size", action="store_true", help="re-encode the images at 500x375 first")
@@ -231,6 +219,11 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, help="image cache folder (default: a temporary one); give an "
                         "empty folder, the cold load must decode")
     parser.add_argument("--keep", type=Path, help="build the replica / full-size copy here and keep it")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="clebench-bench-data-"))

@@ -1,6 +1,6 @@
 """AdaRound step time on large activations: transparent huge pages and the written-out loss, on and off, same run.
 
-    python scripts/bench_adaround_memory.py [--repeats 3] [--iterations 10] [--images 256]
+    python scripts/benchmarks/bench_adaround_memory.py [--repeats 3] [--iterations 10] [--images 256]
 
 Two EfficientNet-Lite0-like layers at 112 x 112 with ReLU6 after them (a 16 -> 96 pointwise conv and a 96-channel
 3 x 3 depthwise conv; random weights and inputs) run `--iterations` AdaRound steps on W4 per-tensor weights, batch 32
@@ -12,6 +12,8 @@ of `--images` samples, in four variants:
 
 The variants run interleaved, `--repeats` times; the script prints the median milliseconds per step, the ratios
 against all-off, and whether every variant learned the same V (neither change may move a bit).
+
+Output: prints the tables to stdout; writes no file.
 """
 from __future__ import annotations
 
@@ -24,24 +26,27 @@ import statistics
 import subprocess
 import sys
 
+from clebench import timing
 from clebench.cli import positive_int
 
 LAYERS = {"pointwise 16->96": (16, 96, 1, 1), "depthwise 96 3x3": (96, 96, 3, 96)}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=timing.HelpFormatter)
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--iterations", type=positive_int, default=10, help="timed AdaRound steps per measurement")
     parser.add_argument("--images", type=positive_int, default=256, help="cached samples the steps draw batches of 32 from")
     parser.add_argument("--child", nargs=3, metavar=("LAYER", "LOSS", "THP"), help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def measure(layer_name: str, loss: str, iterations: int, images: int) -> dict:
     """Milliseconds per AdaRound step of one variant (in this process) and a digest of the learned V."""
-    import time
-
     import torch
     from torch import nn
 
@@ -66,9 +71,8 @@ def measure(layer_name: str, loss: str, iterations: int, images: int) -> dict:
                                              torch.Generator().manual_seed(0))
 
     run(2)  # warm-up
-    start = time.perf_counter()
-    rounding = run(iterations)
-    milliseconds = (time.perf_counter() - start) / iterations * 1000
+    elapsed, rounding = timing.timed(lambda: run(iterations))
+    milliseconds = elapsed / iterations * 1000
     digest = hashlib.sha256(rounding.v.detach().numpy().tobytes()).hexdigest()[:12]
     return {"ms_per_step": milliseconds, "v_digest": digest}
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, as one run on a machine with one CUDA GPU (16 cores in the figures of results/gpu/).
 #
-#   GPU_INPUTS=.gpu RESULTS=/tmp/gpu_checks bash scripts/gpu_checks.sh [SECTION ...]   (default: every section)
+#   GPU_INPUTS=.gpu RESULTS=/tmp/gpu_checks bash scripts/benchmarks/gpu_checks.sh [SECTION ...]   (default: every section)
 #
 # GPU_INPUTS holds what the run reads, since a GPU machine may not see ../shared:
 #   data/cifar10/{test,train}/<class>/   the first 20 images of each class (the quick config's), or for sweep_gpu_full
@@ -9,8 +9,13 @@
 #   data/imagenet-sample/<wnid>/         some ImageNet JPEGs (replicated to 50,000 by symlinks for the data bench)
 #   models/<name>.pt                     the reference checkpoints of $QUICK_MODELS (default: both, as CI's)
 #   whl/*.whl                            optional: wheels to install first (Ray, where the machine lacks it)
-# Each section writes its log to $RESULTS; a failing section is reported and the next one still runs.
+# Output: each section writes its log to $RESULTS/<section>.log (the sweeps their folders there too) and prints its
+# status and last lines to stdout; a failing section is reported and the next one still runs.
 set -u
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then  # this header, without the comment signs
+    sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0" | grep -v '^set -u$'
+    exit 0
+fi
 GPU_INPUTS=${GPU_INPUTS:-.gpu}
 RESULTS=${RESULTS:-/tmp/gpu_checks}
 DEVICE=${DEVICE:-cuda}
@@ -48,18 +53,18 @@ read -ra models <<<"$QUICK_MODELS"
 quick=(python3 -m clebench sweep configs/cifar10_ci.toml --models "${models[@]}" --device "$DEVICE" --no-progress)
 section sweep_gpu 240 "${quick[@]}" --out "$RESULTS/cifar10_ci_gpu"
 section sweep_gpu_again 240 "${quick[@]}" --out /tmp/cifar10_ci_gpu_again
-section same_rows_gpu 60 python3 scripts/same_rows.py "$RESULTS/cifar10_ci_gpu" /tmp/cifar10_ci_gpu_again
+section same_rows_gpu 60 python3 scripts/results/same_rows.py "$RESULTS/cifar10_ci_gpu" /tmp/cifar10_ci_gpu_again
 section sweep_gpu_ray 300 "${quick[@]}" --ray --gpus-per-task 0.25 --out /tmp/cifar10_ci_gpu_ray
-section same_rows_gpu_ray 60 python3 scripts/same_rows.py "$RESULTS/cifar10_ci_gpu" /tmp/cifar10_ci_gpu_ray
+section same_rows_gpu_ray 60 python3 scripts/results/same_rows.py "$RESULTS/cifar10_ci_gpu" /tmp/cifar10_ci_gpu_ray
 section sweep_gpu_full 400 python3 -m clebench sweep configs/cifar10.toml --models mobilenet_v2_cifar10 --device "$DEVICE" \
     --no-progress --out "$RESULTS/cifar10_mobilenet_v2_gpu"
-section data_256px 300 python3 scripts/bench_data.py --data "$GPU_INPUTS/data/imagenet-sample" --replicate "$IMAGES" \
+section data_256px 300 python3 scripts/benchmarks/bench_data.py --data "$GPU_INPUTS/data/imagenet-sample" --replicate "$IMAGES" \
     --decode-images 4000 --eval mobilenet_v2 --untrained --eval-limit "$EVAL_IMAGES" --device "$DEVICE"
-section data_full_size 300 python3 scripts/bench_data.py --data "$GPU_INPUTS/data/imagenet-sample" --full-size \
+section data_full_size 300 python3 scripts/benchmarks/bench_data.py --data "$GPU_INPUTS/data/imagenet-sample" --full-size \
     --replicate "$IMAGES" --decode-images 4000 --eval resnet18 --untrained --eval-limit "$EVAL_IMAGES" --device "$DEVICE"
 for model in mobilenet_v2 resnet18; do
-    section "data_sim_$model" 300 python3 scripts/bench_data.py --data "$GPU_INPUTS/data/imagenet-sample" \
+    section "data_sim_$model" 300 python3 scripts/benchmarks/bench_data.py --data "$GPU_INPUTS/data/imagenet-sample" \
         --replicate "$EVAL_IMAGES" --decode-images 1000 --eval "$model" --untrained --quant w8a8_per_tensor_minmax \
         --eval-limit "$EVAL_IMAGES" --device "$DEVICE"
 done
-section ray_gpu_sharing 240 python3 scripts/bench_ray.py --gpu-sharing-only --markdown "$RESULTS/ray_gpu_sharing.md"
+section ray_gpu_sharing 240 python3 scripts/benchmarks/bench_ray.py --gpu-sharing-only --markdown "$RESULTS/ray_gpu_sharing.md"

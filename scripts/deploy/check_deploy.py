@@ -1,7 +1,9 @@
 """CI gate for a deployed sweep: exit 1 unless every row ran on every deploy target, with every conv / matmul layer
 on integers (a float fallback is listed per row).
 
-    python scripts/check_deploy.py runs/cifar10_ci_deploy
+    python scripts/deploy/check_deploy.py runs/cifar10_ci_deploy
+
+Output: prints each problem (or that there is none) to stdout and exits 1 if there is one; writes no file.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from clebench import timing
 from clebench.reporting.report import read_results_table
 from clebench.sweep.results import KEY_COLUMNS, deploy_column, deploy_targets
 
@@ -31,9 +34,14 @@ def problems(results_dir: Path) -> list[str]:
     return found
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=timing.HelpFormatter)
+    parser.add_argument("results_dir", type=Path, help="the sweep's --out folder (its results.csv is read)")
+    return parser
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results_dir", type=Path)
+    parser = build_parser()
     args = parser.parse_args()
     found = problems(args.results_dir)
     print("\n".join(found) if found else f"{args.results_dir}: every row ran every conv / matmul layer on integers "

@@ -1,10 +1,13 @@
 """Per-row agreement of two results folders of the same rows run another way (engine, device, machine): top-1 of
 each and the % of images whose top-1 class is the same, for the quantized rows (and FP32 once per model).
 
-    python scripts/compare_runs.py RESULTS_DIR OTHER_RESULTS_DIR [--markdown FILE]
+    python scripts/results/compare_runs.py RESULTS_DIR OTHER_RESULTS_DIR [--markdown FILE]
 
 Unlike `clebench check`, the configs may differ (e.g. `[eval] engine`); the rows compared are those both folders
 hold, matched on model, dataset, steps and quant, and both must have evaluated the same images.
+
+Output: prints the table and its summary to stdout; with --markdown, also writes them to that file
+(results/bench/engine_agreement_*.md are such files).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from clebench import timing
 from clebench.reporting.report import markdown_table
 from clebench.sweep.results import KEY_COLUMNS, PREDICTIONS_FILE, RESULTS_FILE, RowKey, labels_name, prediction_name, read_predictions
 
@@ -40,11 +44,16 @@ def agreement_table(first: Path, second: Path) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("first", type=Path)
-    parser.add_argument("second", type=Path)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=timing.HelpFormatter)
+    parser.add_argument("first", type=Path, metavar="RESULTS_DIR", help="the reference run's --out folder")
+    parser.add_argument("second", type=Path, metavar="OTHER_RESULTS_DIR", help="the other run's --out folder")
     parser.add_argument("--markdown", type=Path, help="also write the table and its summary to this file")
+    return parser
+
+
+def main() -> int:
+    parser = build_parser()
     args = parser.parse_args()
     table = agreement_table(args.first, args.second)
     if table.empty:

@@ -7,17 +7,20 @@ columns hold the torch simulation with int32 biases (``_int32bias``: biases roun
 scale, as int8 kernels need them) and int8's agreement with it, which separates the bias rounding from the rest of
 the deployment gap.
 
-    python scripts/deploy_gap.py --images 10000 --out results/bench/deploy_gap.md
+    python scripts/deploy/deploy_gap.py --images 10000 --out results/bench/deploy_gap.md
+
+Output: prints each table row to stdout as it goes and writes the markdown table to --out (rewritten after every row,
+so a cut-short run keeps its rows).
 """
 from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from clebench import timing
 from clebench.data.datasets import batches, load_images
 from clebench.evaluation import agreement, evaluate
 from clebench.models import model_preprocessing
@@ -32,8 +35,8 @@ ROWS = {
 QUANTS = ["w8a8_per_tensor_minmax", "w6a8_per_tensor_minmax", "w4a8_per_tensor_minmax"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=timing.HelpFormatter)
     parser.add_argument("--data-root", default="../shared/data")
     parser.add_argument("--models-dir", default="../shared/models")
     parser.add_argument("--images", type=int, default=2000)
@@ -42,6 +45,11 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(ROWS), default=list(ROWS))
     parser.add_argument("--quant", nargs="+", choices=QUANTS, default=QUANTS)
     parser.add_argument("--out", type=Path, default=Path("results/bench/deploy_gap.md"))
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lines = [
@@ -53,7 +61,7 @@ def main() -> None:
         "| sim int32 bias | int8 agree with it | sim int32 bias - int8 |",
         "|:--|:--|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    started = time.perf_counter()
+    clock = timing.Stopwatch()
     with tempfile.TemporaryDirectory() as workdir:
         for model_name in args.models:
             combinations = ROWS[model_name]
@@ -84,7 +92,7 @@ def main() -> None:
                     args.out.write_text("\n".join(lines) + "\n")  # rows so far, in case the run is cut short
     info = runtime_info()
     lines += ["", f"onnxruntime {info['onnxruntime_version']}, CPU {info['cpu']}, int8 GEMM path {info['int8_gemm_path']}, "
-              f"{args.threads} threads; {time.perf_counter() - started:.0f} s in all."]
+              f"{args.threads} threads; {clock.seconds:.0f} s in all."]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")

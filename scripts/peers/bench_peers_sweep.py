@@ -1,6 +1,6 @@
 """The sweep's cost: wall time, memory and evaluations made against the minimum, on the CIFAR-10 checkpoints.
 
-    python scripts/bench_peers_sweep.py [--limit 2000 | --full]
+    python scripts/peers/bench_peers_sweep.py [--limit 2000 | --full]
 
 `clebench sweep configs/cifar10.toml` (the `paper` preset, W8/W6/W4 per-tensor and W8 per-channel) on each
 CIFAR-10 checkpoint in a fresh process, on `--limit` test images (`--full`: all 10,000; about an hour per model on
@@ -9,8 +9,8 @@ quantized evaluations it made against the rows and against the minimum, found he
 row's FP32 steps to a fresh copy of the model and counting distinct models (and distinct model / bias correction /
 setting triples).
 
-Prints its table and merges its rows into results/bench/peers.csv (rows of this section replace older ones), then
-rewrites results/bench/peers.md (scripts/_peers.py). The machine is shared, so ratios are what matter. AIMET is not
+Output: prints its table and merges its rows into results/bench/peers.csv (rows of this section replace older ones), then
+rewrites results/bench/peers.md (scripts/peers/_peers.py). The machine is shared, so ratios are what matter. AIMET is not
 involved.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from clebench.sweep.config import load_config
 from clebench.sweep.execute import fingerprint
 from clebench.models import load_model
 
-SWEEP_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cifar10.toml"
+SWEEP_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "cifar10.toml"
 
 
 def minimum_evaluations(model: nn.Module, model_name: str, combinations: list[steps.Combination],
@@ -95,12 +95,16 @@ def measure(args: argparse.Namespace, aimet: SimpleNamespace | None) -> SectionR
     return result
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = _peers.parser(__doc__)
     parser.add_argument("--limit", type=_peers.positive_int, default=2000,
                         help="class-balanced CIFAR-10 test images (default 2000)")
     parser.add_argument("--full", action="store_true", help="evaluate on all 10,000 CIFAR-10 test images")
-    _peers.run_section("sweep", measure, parser.parse_args())
+    return parser
+
+
+def main() -> None:
+    _peers.run_section("sweep", measure, build_parser().parse_args())
 
 
 if __name__ == "__main__":

@@ -7,19 +7,22 @@ time (its profiler, one more pass per mode).
 Engines are interleaved over --repeats rounds and each one's fastest round is kept, as this machine is shared;
 ratios are against the torch simulation in the same run.
 
-    python scripts/bench_engines.py --images 2000 --threads 2 --out results/bench/engines.md
+    python scripts/benchmarks/bench_engines.py --images 2000 --threads 2 --out results/bench/engines.md
+
+Output: prints each model's table rows to stdout as it goes; with --out, also writes the whole markdown (speed table
+and kernel-time table) to that file (results/bench/engines.md is the committed one).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
+from clebench import timing
 from clebench.data.datasets import batches, load_images
 from clebench.evaluation import agreement, evaluate
 from clebench.runtimes.export import export_onnx
@@ -30,12 +33,6 @@ from clebench.runtimes.onnxruntime import runtime_info, session_options
 from clebench.sweep.prepare import calibrated_sim, prepare_fp32
 
 MODELS = ("resnet18_cifar10", "mobilenet_v2_cifar10")
-
-
-def timed(function) -> tuple[float, dict]:
-    started = time.perf_counter()
-    result = function()
-    return time.perf_counter() - started, result
 
 
 def op_shares(path: Path, mode: str, loader: list, threads: int, top: int = 5) -> str:
@@ -73,8 +70,8 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> tuple[lis
     export_seconds = {}
     paths = {}
     for mode, int32_bias in (("sim", None), ("int8", True)):
-        export_seconds[mode], paths[mode] = timed(lambda: export_onnx(sim, dummy, workdir / f"{name}_{mode}.onnx",
-                                                                      int32_bias=int32_bias))
+        export_seconds[mode], paths[mode] = timing.timed(lambda: export_onnx(sim, dummy, workdir / f"{name}_{mode}.onnx",
+                                                                             int32_bias=int32_bias))
     loader = list(batches(test, 500, preprocessing))  # normalized once: only the engines are timed
     engines = {
         "torch FP32": lambda: evaluate(state.model, loader, progress=False, channels_last=False),
@@ -84,11 +81,9 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> tuple[lis
         **{f"{name}-{mode}": runtime_engine(name, paths[mode], mode, loader, args.threads)
            for name in RUNTIMES for mode in MODES},
     }
-    best, results = dict.fromkeys(engines, float("inf")), {}
-    for _ in range(args.repeats):
-        for engine, run in engines.items():
-            seconds, results[engine] = timed(run)
-            best[engine] = min(best[engine], seconds)
+    results: dict[str, dict] = {}
+    times = timing.interleaved(engines, args.repeats, results=results)
+    best = {engine: min(seconds) for engine, seconds in times.items()}
     lines = []
     for engine in engines:
         same = agreement(results[engine], results["torch FP32" if engine.startswith("torch FP32") else "torch sim"])
@@ -106,8 +101,8 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> tuple[lis
     return lines, shares
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=timing.HelpFormatter)
     parser.add_argument("--data-root", default="../shared/data")
     parser.add_argument("--models-dir", default="../shared/models")
     parser.add_argument("--images", type=int, default=2000)
@@ -115,6 +110,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path)
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     info = runtime_info()

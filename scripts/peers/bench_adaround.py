@@ -1,6 +1,6 @@
 """AdaRound time: clebench's against AIMET's (aimet-torch 2.42), same API call, iterations and data, same run.
 
-    python scripts/bench_adaround.py [--models mobilenet_v2_cifar10 resnet18_cifar10] [--layers 4]
+    python scripts/peers/bench_adaround.py [--models mobilenet_v2_cifar10 resnet18_cifar10] [--layers 4]
         [--iterations 20 100] [--images 256] [--batch-size 64] [--threads 1] [--repeats 3]
 
 Both tools get the same BN-folded CIFAR-10 checkpoint and run `Adaround.apply_adaround` with W4 per-tensor weights
@@ -14,6 +14,9 @@ medians, and each repeat's ratio is listed. Last, the convolution alone: each la
 on one step's samples, which a sampled step of either tool computes, so the part of the slope that neither can save
 without changing the step (timed before and after the AdaRound runs; the mean). Without aimet-torch it times
 clebench alone and says so.
+
+Output: prints the figures to stdout (each run's seconds to stderr as it goes); writes no file
+(results/bench/adaround_time_resnet18.txt is such a run's output).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from torch.func import functional_call
 
 import _peers
 
-from clebench import layers
+from clebench import layers, timing
 from clebench.adaround.adaround_weight import Adaround, AdaroundParameters
 from clebench.adaround.layer import DEFAULT_BATCH_SIZE
 from clebench.batch_norm_fold import fold_all_batch_norms
@@ -39,8 +42,8 @@ from clebench.cli import positive_int
 from clebench.models import model_preprocessing
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=timing.HelpFormatter)
     parser.add_argument("--data", default=None, help="data root holding cifar10/ (default: env CLEBENCH_DATA)")
     parser.add_argument("--models-dir", default=None, help="folder of the checkpoints (default: env CLEBENCH_MODELS)")
     parser.add_argument("--models", nargs="+", default=list(_peers.CIFAR_MODELS), choices=_peers.CIFAR_MODELS)
@@ -52,7 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=positive_int, default=1,
                         help="runs per tool and iteration count, alternating which tool goes first; seconds are medians")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def chosen_layers(model: nn.Module, count: int) -> list[str]:
@@ -69,10 +76,10 @@ def run(tool, model: nn.Module, images: list[torch.Tensor], iterations: int, arg
     others = [m for name, m in model.named_modules() if layers.is_layer(m) and name not in kept]
     params = tool.AdaroundParameters(images, len(images), default_num_iterations=iterations)
     with tempfile.TemporaryDirectory() as folder:
-        return _peers.timed(lambda: tool.Adaround.apply_adaround(
+        return timing.seconds(lambda: tool.Adaround.apply_adaround(
             model, images[0][:1], params, folder, "bench", default_param_bw=args.bits,
             ignore_quant_ops_list=others, default_quant_scheme=tool.QuantScheme.post_training_tf,
-            default_config_file=config_file))
+            default_config_file=config_file), hold_gc=True)
 
 
 def convolution_ms(model: nn.Module, images: list[torch.Tensor], kept: list[str], repeats: int = 20) -> float:
@@ -96,7 +103,7 @@ def convolution_ms(model: nn.Module, images: list[torch.Tensor], kept: list[str]
             output.backward(torch.ones_like(output))
 
         step()
-        total += _peers.timed(lambda: [step() for _ in range(repeats)]) / repeats
+        total += timing.seconds(lambda: [step() for _ in range(repeats)], hold_gc=True) / repeats
     return 1000 * total / len(kept)
 
 

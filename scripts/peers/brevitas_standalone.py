@@ -1,7 +1,7 @@
 """Brevitas' pre-quantization pipeline on a CIFAR-10 checkpoint, quantized by clebench.quant.QuantSim: the reference
 the sweep's brevitas_equalize rows must equal.
 
-    python scripts/brevitas_standalone.py --model mobilenet_v2_cifar10 [--limit 1000] [--calibration 256]
+    python scripts/peers/brevitas_standalone.py --model mobilenet_v2_cifar10 [--limit 1000] [--calibration 256]
         [--iterations 20] [--no-merge-bias] [--keep-relu6] [--quant w8a8_per_tensor_minmax w4a8_per_tensor_minmax]
 
 Independent of the sweep's code: the model is the torchvision network with the checkpoint loaded
@@ -12,6 +12,8 @@ calls it (BN merge, ReLU6 -> ReLU unless --keep-relu6, graph equalization of --i
 FP32 and each setting's top-1; the sweep row of the same pipeline is relu6_to_relu+brevitas_equalize (or
 brevitas_equalize with --keep-relu6; _no_merge_bias with --no-merge-bias) with [brevitas] iterations and the same
 [data] limit / calibration / batch_size.
+
+Output: prints FP32 and each setting's top-1 to stdout; writes no file.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import warnings
 import torch
 from torch import nn
 
+from clebench import timing
 from clebench.cli import positive_int
 from clebench.data.datasets import ImageSet, batches, load_images
 from clebench.evaluation import evaluate
@@ -32,19 +35,23 @@ from clebench.quant import QuantConfig, QuantSim
 MODELS = ("resnet18_cifar10", "mobilenet_v2_cifar10")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=timing.HelpFormatter)
     parser.add_argument("--model", choices=MODELS, required=True)
     parser.add_argument("--quant", nargs="+", default=["w8a8_per_tensor_minmax", "w4a8_per_tensor_minmax"])
     parser.add_argument("--limit", type=positive_int, default=1000, help="class-balanced test images (default 1000)")
-    parser.add_argument("--calibration", type=positive_int, default=256, help="class-balanced train images (256)")
+    parser.add_argument("--calibration", type=positive_int, default=256, help="class-balanced train images")
     parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--iterations", type=positive_int, default=20, help="graph-equalization rounds (default 20)")
     parser.add_argument("--no-merge-bias", action="store_true", help="equalize without merge_bias")
     parser.add_argument("--keep-relu6", action="store_true", help="keep ReLU6 (Brevitas' relu6_to_relu=False)")
     parser.add_argument("--data", default=None, help="data root holding cifar10/ (default: env CLEBENCH_DATA)")
     parser.add_argument("--models-dir", default=None, help="CIFAR-10 checkpoints folder (default: env CLEBENCH_MODELS)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def brevitas_model(model: nn.Module, args: argparse.Namespace) -> nn.Module:

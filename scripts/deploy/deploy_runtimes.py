@@ -7,7 +7,9 @@ seconds; per runtime the int8 top-1, agreement with the simulation (% of images 
 conv / matmul layers it ran on integers, and its cost (export + compile + evaluation, seconds); and the openvino
 engine (OpenVINO's float kernels, the simulation's arithmetic): agreement and speed against the torch simulation.
 
-    python scripts/deploy_runtimes.py --images 2000 --out results/bench/deploy_runtimes.md
+    python scripts/deploy/deploy_runtimes.py --images 2000 --out results/bench/deploy_runtimes.md
+
+Output: prints each table row to stdout as it goes, then writes the markdown table to --out.
 """
 from __future__ import annotations
 
@@ -15,13 +17,11 @@ import argparse
 import datetime
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-import _peers
-
+from clebench import timing
 from clebench.data.datasets import batches, load_images
 from clebench.evaluation import agreement, evaluate
 from clebench.models import model_preprocessing
@@ -39,15 +39,9 @@ HEADER = ("| model | steps | quant | sim top-1 | sim s | ORT int8 top-1 | agree 
           "agree | integer layers | s | openvino engine agree | speed vs torch sim |")
 
 
-def timed(function):
-    started = time.perf_counter()
-    result = function()
-    return time.perf_counter() - started, result
-
-
 def row(sim, loader: list, workdir: Path, threads: int) -> str:
     """The table cells of one calibrated sim, from `sim top-1` on."""
-    seconds, reference = timed(lambda: evaluate(sim.model, loader, progress=False))
+    seconds, reference = timing.timed(lambda: evaluate(sim.model, loader, progress=False))
     cells = [f"{reference['top1']:.2f}", f"{seconds:.1f}"]
     dummy = loader[0][0][:1]
     for name in RUNTIMES:
@@ -57,17 +51,17 @@ def row(sim, loader: list, workdir: Path, threads: int) -> str:
             path = export_onnx(sim, dummy, workdir / f"{name}.onnx", int32_bias=True)
             return path, module.evaluate_onnx(path, loader, mode="int8", threads=threads, progress=False)
 
-        cost, (path, int8) = timed(deploy)
+        cost, (path, int8) = timing.timed(deploy)
         precision = module.layer_precision(path, "int8", threads)
         cells += [f"{int8['top1']:.2f}", f"{agreement(int8, reference):.2f}", f"{precision.integer} / {precision.total}",
                   f"{cost:.1f}"]
-    engine_seconds, engine = timed(lambda: runtime("openvino").evaluate_onnx(
+    engine_seconds, engine = timing.timed(lambda: runtime("openvino").evaluate_onnx(
         export_onnx(sim, dummy, workdir / "sim.onnx"), loader, mode="sim", threads=threads, progress=False))
     return " | ".join(cells + [f"{agreement(engine, reference):.2f}", f"{seconds / engine_seconds:.2f}x"])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=timing.HelpFormatter)
     parser.add_argument("--data-root", default="../shared/data")
     parser.add_argument("--models-dir", default="../shared/models")
     parser.add_argument("--images", type=int, default=2000)
@@ -76,11 +70,16 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(ROWS), default=list(ROWS))
     parser.add_argument("--quant", nargs="+", default=QUANTS)
     parser.add_argument("--out", type=Path, default=Path("results/bench/deploy_runtimes.md"))
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     versions = {name: runtime(name).runtime_info()["version"] for name in RUNTIMES}
     lines = [
-        f"Command: `python {' '.join(sys.argv)}` ({datetime.date.today()}, {_peers.machine_summary(None)}).",
+        f"Command: `python {' '.join(sys.argv)}` ({datetime.date.today()}, {timing.machine_summary('aimet-torch missing')}).",
         "",
         f"First {args.images} class-balanced CIFAR-10 test images, batch 500, {args.threads} threads; per tensor, "
         f"8-bit activations, min/max, calibrated on {args.calibration} training images; int8 = int32 biases. "
@@ -92,7 +91,7 @@ def main() -> None:
         HEADER,
         "|:--|:--|:--|" + "--:|" * (HEADER.count("|") - 4),
     ]
-    started = time.perf_counter()
+    clock = timing.Stopwatch()
     with tempfile.TemporaryDirectory() as workdir:
         for model_name in args.models:
             preprocessing = model_preprocessing(model_name)
@@ -107,7 +106,7 @@ def main() -> None:
                     line = f"| {model_name} | {combination} | {quant} | {row(sim, loader, Path(workdir), args.threads)} |"
                     print(line, flush=True)
                     lines.append(line)
-    lines += ["", f"{time.perf_counter() - started:.0f} s in all."]
+    lines += ["", f"{clock.seconds:.0f} s in all."]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
