@@ -25,22 +25,32 @@ def numbers(table: pd.DataFrame) -> pd.DataFrame:
     return table.drop(columns=["model", "dataset", *VARIABLE])
 
 
-def test_the_frame_is_the_cli_results_csv(config_file, uninterrupted, tmp_path):
-    frame = clebench.benchmark(config_file, out=tmp_path / "api")
-    assert frame.equals(pd.read_csv(tmp_path / "api" / results.RESULTS_FILE))
+def test_the_frame_is_the_cli_results_csv(config_file, uninterrupted, benchmark_rerun):
+    frame, out = benchmark_rerun  # clebench.benchmark(config_file, out=...), shared with test_sweep's run-twice check
+    assert frame.equals(pd.read_csv(out / results.RESULTS_FILE))
     cli = pd.read_csv(uninterrupted / results.RESULTS_FILE)
     assert list(frame.columns) == list(cli.columns) and (frame.dtypes == cli.dtypes).all()
     pd.testing.assert_frame_equal(frame.drop(columns=results.TIMING_COLUMNS),
                                   cli.drop(columns=results.TIMING_COLUMNS), check_exact=True)
-    assert (tmp_path / "api" / "config.toml").read_text() == config_file.read_text()
+    assert (out / "config.toml").read_text() == config_file.read_text()
 
 
-def test_an_in_memory_model_gives_the_rows_of_the_registry_model_it_equals(data_root, models_dir):
-    registry = clebench.benchmark({"models": [MODEL], **SMALL})
-    given = clebench.benchmark(SMALL, models={"mine": lambda: load_model(MODEL)})
-    assert list(given["model"].unique()) == ["mine"]
-    pd.testing.assert_frame_equal(numbers(given), numbers(registry), check_exact=True)
-    assert given["config_hash"].iloc[0] != registry["config_hash"].iloc[0]
+# Two rows of the tiny config (tests/sweeps.py CONFIG: the same data, calibration and batch size): the registry
+# model's rows for them are the session's CLI sweep's (`uninterrupted`), so no second registry sweep runs here.
+TINY_ROWS = {"steps": ["bn_fold", "bn_fold+cls_relu6_clip"], "quant": ["w4a8_per_tensor_minmax"],
+             "data": {"dataset": "cifar10", "limit": 20, "calibration": 20, "batch_size": 10}}
+
+
+def test_an_in_memory_model_gives_the_rows_of_the_registry_model_it_equals(uninterrupted, data_root, models_dir):
+    cli = pd.read_csv(uninterrupted / results.RESULTS_FILE)
+    registry = cli[cli["steps"].isin(TINY_ROWS["steps"]) & cli["quant"].isin(TINY_ROWS["quant"])]
+    given = clebench.benchmark(TINY_ROWS, models={"mine": lambda: load_model(MODEL)})
+    assert list(given["model"].unique()) == ["mine"] and len(registry) == len(given) == 2
+    in_order = lambda table: numbers(table).sort_values(["steps", "quant"]).reset_index(drop=True)  # noqa: E731
+    pd.testing.assert_frame_equal(in_order(given), in_order(registry), check_exact=True)
+    # the registry model's hash for the same two rows (a results' config_hash is its config's .hash)
+    assert given["config_hash"].iloc[0] != build_config({"models": [MODEL], **TINY_ROWS}).hash
+    assert cli["config_hash"].iloc[0] == build_config(uninterrupted / "config.toml").hash
 
 
 def _folder(tmp_path, data_root, split: str, files: slice) -> None:

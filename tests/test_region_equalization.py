@@ -257,22 +257,23 @@ def test_region_steps_stay_out_of_the_presets():
 
 
 @pytest.mark.slow
-def test_a_sweep_lists_the_regions_it_equalized(tmp_path):
+def test_a_sweep_lists_the_regions_it_equalized(tmp_path, data_root, models_dir):
     """cle_regions.csv holds one row per region of the region-CLE prefix, the regions and scales equalize_regions
-    finds on the same model, and report.html shows them."""
+    finds on the same model, and report.html shows them. The sweep runs in this process (what it writes is what the
+    CLI writes; the CLI's own run is tests/test_sweep.py's, so no second interpreter and torch import here)."""
     import pandas as pd
-    from sweeps import run_sweep
 
     from clebench.models import load_model
     from clebench.reporting.report import write_report
     from clebench.sweep import results
+    from clebench.sweep.config import load_config
+    from clebench.sweep.run import run_sweep
 
     config = tmp_path / "regions.toml"
     config.write_text('models = ["resnet18_cifar10"]\nsteps = ["bn_fold", "bn_fold+cls_regions"]\n'
                       'quant = ["w8a8_per_tensor_minmax"]\n\n[data]\ndataset = "cifar10"\nlimit = 10\n'
                       'calibration = 10\nbatch_size = 10\n')
-    done = run_sweep(config, tmp_path / "out")
-    assert done.returncode == 0, done.stderr
+    run_sweep(load_config(config), tmp_path / "out", data_root=data_root, models_dir=models_dir, progress=False)
     table = pd.read_csv(tmp_path / "out" / results.CLE_REGIONS_FILE)
     assert list(table.columns) == results.CLE_REGIONS_COLUMNS and set(table["steps"]) == {"bn_fold+cls_regions"}
     model = graph.prepare_model(load_model("resnet18_cifar10").eval())

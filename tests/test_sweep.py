@@ -37,8 +37,21 @@ from conftest import require_extra
 from sweeps import CONFIG, kill_after_rows, run_sweep, without_timing
 
 
+def sweep_here(capsys, config: Path, out: Path, *extra: str) -> tuple[int, str]:
+    """`clebench sweep` in this process (cli.main, what `python -m clebench` exits with): (exit status, stderr). For
+    sweeps refused before any work, where a fresh interpreter per case (~5 s of imports) would check nothing more;
+    an exception that is not the one-line error escapes main() and fails the test, as a traceback would."""
+    from clebench import cli
+
+    try:
+        returncode = cli.main(["sweep", str(config), "--out", str(out), "--no-progress", *extra])
+    except SystemExit as exit_:  # argparse's way out
+        returncode = exit_.code
+    return returncode, capsys.readouterr().err
+
+
 @pytest.mark.slow
-def test_sweep_writes_every_row_once_and_twice_is_byte_identical(config_file, uninterrupted, tmp_path):
+def test_sweep_writes_every_row_once_and_twice_is_byte_identical(uninterrupted, benchmark_rerun):
     rows = pd.read_csv(uninterrupted / "results.csv")
     assert len(rows) == 8 and not rows.duplicated(KEY_COLUMNS).any()
     assert (rows["n_images"] == 20).all() and (rows["n_calibration"] == 20).all()
@@ -47,10 +60,11 @@ def test_sweep_writes_every_row_once_and_twice_is_byte_identical(config_file, un
     # FP32 model, but per setting after bias correction (which gives each weight setting its own FP32 model)
     assert (work["rows"], work["fp32_evaluations"], work["calibrations"], work["quantized_evaluations"]) == (8, 4, 5, 8)
     assert work["wall_seconds"] > 0 and work["peak_memory_mib"] > 100
-    again = tmp_path / "again"
-    assert run_sweep(config_file, again).returncode == 0
+    _, again = benchmark_rerun  # the same config run a second time (clebench.benchmark; test_api reads it too)
     assert without_timing(again / "results.csv").to_csv() == without_timing(uninterrupted / "results.csv").to_csv()
-    assert (again / "results.md").is_file() and (again / "fig2_channel_ranges_mobilenet_v2_cifar10.png").is_file()
+    # the CLI writes the report beside the rows (the second run is benchmark(), which writes no report)
+    assert (uninterrupted / "results.md").is_file()
+    assert (uninterrupted / "fig2_channel_ranges_mobilenet_v2_cifar10.png").is_file()
 
 
 @pytest.mark.slow
@@ -66,9 +80,9 @@ def test_sigkill_mid_sweep_then_rerun_gives_the_uninterrupted_rows(config_file, 
     assert (kept["seconds"] == kept["seconds_before"]).all()  # finished rows were not recomputed
 
 
-def test_a_results_folder_of_another_config_is_refused(config_file, uninterrupted):
-    result = run_sweep(config_file, uninterrupted, "--limit", "10")
-    assert result.returncode == 2 and "another configuration" in result.stderr
+def test_a_results_folder_of_another_config_is_refused(config_file, uninterrupted, capsys):
+    returncode, stderr = sweep_here(capsys, config_file, uninterrupted, "--limit", "10")
+    assert returncode == 2 and "another configuration" in stderr
 
 
 @pytest.mark.parametrize(
@@ -82,14 +96,14 @@ def test_a_results_folder_of_another_config_is_refused(config_file, uninterrupte
         (("batch_size = 10", "batch_size = 10\nbatchsize = 3"), "unknown key 'batchsize' in \\[data\\]"),
     ],
 )
-def test_invalid_configs_fail_before_any_work(tmp_path, change, message):
+def test_invalid_configs_fail_before_any_work(tmp_path, capsys, change, message):
     config = tmp_path / "bad.toml"
     config.write_text(CONFIG.replace(*change))
     out = tmp_path / "out"
-    result = run_sweep(config, out)
-    assert result.returncode == 2
-    assert pytest.importorskip("re").search(message, result.stderr), result.stderr
-    assert "Traceback" not in result.stderr and not out.exists()
+    returncode, stderr = sweep_here(capsys, config, out)
+    assert returncode == 2
+    assert re.search(message, stderr), stderr
+    assert "Traceback" not in stderr and not out.exists()
 
 
 def test_corrupted_checkpoint_is_named_and_nothing_is_written(tmp_path, data_root, models_dir):
@@ -115,13 +129,13 @@ def test_a_second_sweep_on_a_locked_folder_fails_and_writes_nothing(config_file,
     assert "Traceback" not in result.stderr and sorted(p.name for p in out.iterdir()) == [".lock"]
 
 
-def test_a_truncated_meta_json_is_an_error_naming_it(config_file, tmp_path):
+def test_a_truncated_meta_json_is_an_error_naming_it(config_file, tmp_path, capsys):
     out = tmp_path / "truncated"
     out.mkdir()
     (out / "meta.json").write_text('{"config_hash": "47fe')
-    result = run_sweep(config_file, out)
-    assert result.returncode == 2 and f"{out / 'meta.json'} is not valid JSON" in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr and (out / "meta.json").read_text() == '{"config_hash": "47fe'
+    returncode, stderr = sweep_here(capsys, config_file, out)
+    assert returncode == 2 and f"{out / 'meta.json'} is not valid JSON" in stderr, stderr
+    assert "Traceback" not in stderr and (out / "meta.json").read_text() == '{"config_hash": "47fe'
 
 
 def test_meta_json_is_replaced_atomically(tmp_path, monkeypatch):
@@ -220,14 +234,12 @@ def test_gpu_sweeps_that_cannot_work_are_refused_before_any_work(tmp_path, chang
 
 
 @pytest.mark.slow
-def test_a_sweep_on_openvino_deployed_to_both_runtimes(tmp_path, data_root, models_dir):
+def test_a_sweep_on_openvino_deployed_to_both_runtimes(tmp_path, data_root, models_dir, uninterrupted):
     require_extra("onnxruntime")
     require_extra("openvino")
     two_rows = (CONFIG.replace('steps = ["bn_fold", "bn_fold+relu6_to_relu", ', 'steps = [')
                 .replace(', "w4a8_per_tensor_minmax"]', "]"))
     config = parse_config(tomllib.loads(two_rows + '[eval]\nengine = "openvino"\ndeploy = ["onnxruntime", "openvino"]\n'))
-    torch_rows = run_sweep_in_process(parse_config(tomllib.loads(two_rows)), tmp_path / "torch", data_root=data_root,
-                                      models_dir=models_dir, progress=False).table
     outcome = run_sweep_in_process(config, tmp_path / "ov", data_root=data_root, models_dir=models_dir, progress=False)
     rows = outcome.table
     assert list(rows.columns[len(RESULT_COLUMNS):]) == deploy_columns(["onnxruntime", "openvino"]) + CHECK_COLUMNS
@@ -236,7 +248,11 @@ def test_a_sweep_on_openvino_deployed_to_both_runtimes(tmp_path, data_root, mode
         assert (rows[f"{target}_agreement"] >= 90).all() and rows[f"{target}_top1"].notna().all()
         # MobileNetV2-CIFAR: 52 convolutions and the classifier, every one on integers
         assert (rows[f"{target}_integer_layers"] == 53).all() and (rows[f"{target}_float_layers"] == 0).all()
+    # the torch rows of the same two keys: the session's CLI sweep of the same data (its rows do not depend on the
+    # config's other rows: a row is its prefix and setting, each prefix calibrated on the same 20 images)
+    torch_rows = pd.read_csv(uninterrupted / "results.csv")
     same = rows.merge(torch_rows, on=KEY_COLUMNS, suffixes=("", "_torch"))
+    assert len(same) == 2
     assert (abs(same["quant_top1"] - same["quant_top1_torch"]) <= 5.0).all()  # at most one image of 20 flips
     predictions = read_predictions(tmp_path / "ov" / "predictions.npz")
     assert sum(name.endswith(("|onnxruntime", "|openvino")) for name in predictions) == 4
