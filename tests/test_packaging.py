@@ -22,17 +22,18 @@ def test_ci_runs_the_readme_setup_commands_with_relative_shared_paths():
     commands = subprocess.run(["bash", str(ROOT / ".ci" / "readme_commands")], capture_output=True, text=True,
                               check=True).stdout.splitlines()
     assert commands == [
-        'pip install -e ".[dev,zoo,onnx,openvino,ray,timm,docs,bench,brevitas]"',
+        'pip install -e ".[dev,zoo,onnx,openvino,ray,timm,docs,bench,brevitas,nncf]"',
         "CLEBENCH_DATA=../shared/data CLEBENCH_MODELS=../shared/models python -m pytest -q",
     ]
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    # docs: tests/test_docs.py builds the site; bench / brevitas: the peer steps' tests (tests/test_peer_steps.py)
-    assert {"dev", "zoo", "onnx", "openvino", "ray", "timm", "docs", "bench", "brevitas"} <= set(extras)
+    # docs: tests/test_docs.py builds the site; bench / brevitas / nncf: the peer steps' tests (tests/test_peer_steps.py,
+    # tests/test_nncf_steps.py)
+    assert {"dev", "zoo", "onnx", "openvino", "ray", "timm", "docs", "bench", "brevitas", "nncf"} <= set(extras)
     run = (ROOT / ".ci" / "run").read_text()
     assert 'eval "$setup"' in run and "pytest" not in run  # the tests run only through the README's command
     # the runtimes cannot be skipped: tests of a missing extra fail under CI, and a sweep deploys to both
     assert run.index('export CI="${CI:-1}"') < run.index('eval "$setup"')
-    assert "configs/cifar10_ci_deploy.toml" in run and "scripts/check_deploy.py" in run
+    assert "configs/cifar10_ci_deploy.toml" in run and "scripts/deploy/check_deploy.py" in run
 
 
 def test_ci_runs_the_readme_bring_your_own_commands():

@@ -1,8 +1,8 @@
-"""Peer quantization toolkits (AIMET, Brevitas) that the sweep runs as steps beside clebench's own.
+"""Peer quantization toolkits (AIMET, Brevitas, NNCF) that the sweep runs as steps beside clebench's own.
 
 Each peer is an optional pip extra, imported only when a step or script asks for it: `import_peer` raises a one-line
 MissingExtraError naming the extra where it is not installed. The submodules (clebench.peers.aimet,
-clebench.peers.brevitas) hold what each peer's step runs.
+clebench.peers.brevitas, clebench.peers.nncf) hold what each peer's step runs.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from clebench.errors import MissingExtraError
 __all__ = ["PEERS", "import_peer", "peer_version"]
 
 # peer -> (distribution, pip extra, top-level module)
-PEERS = {"aimet": ("aimet-torch", "bench", "aimet_torch"), "brevitas": ("brevitas", "brevitas", "brevitas")}
+PEERS = {"aimet": ("aimet-torch", "bench", "aimet_torch"), "brevitas": ("brevitas", "brevitas", "brevitas"),
+         "nncf": ("nncf", "nncf", "nncf")}
 
 
 def import_peer(peer: str, module: str) -> ModuleType:

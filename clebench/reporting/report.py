@@ -52,7 +52,7 @@ from clebench.sweep.results import (
     upgrade_legacy,
 )
 from clebench.sweep.plan import prefixes_of
-from clebench.sweep.steps import NO_STEPS, STEP_ORDER, combination_name, split_combination
+from clebench.sweep.steps import NO_STEPS, STEP_ORDER, combination_name, quantizer_step, split_combination
 
 STEP_LABELS = {
     "bn_fold": "BN fold",
@@ -71,10 +71,14 @@ STEP_LABELS = {
     "adaround": "AdaRound",
     "bias_correction": "BC",
     "bias_correction_empirical": "BC (empirical)",
+    "nncf_quantize": "NNCF",
+    "nncf_quantize_channel_alignment": "NNCF (channel alignment)",
+    "nncf_quantize_smooth_quant": "NNCF (SmoothQuant)",
 }
 ABBREVIATIONS = ("BN fold: batch-norm folding; CLS: cross-layer scaling (ReLU6 kept: chains end at ReLU6; ReLU6 clip: "
                  "scaled through ReLU6, made a per-channel clip); HBF: high-bias folding; AdaRound: learned weight rounding; "
-                 "BC: analytical bias correction (empirical: from calibration data).")
+                 "BC: analytical bias correction (empirical: from calibration data); NNCF: nncf.quantize's own int8 model of the "
+                 "FP32 model, on OpenVINO only (no simulation).")
 DEPLOY_NOTE = ("Each cell: simulated / {}'s int8 kernels (agreement: % of images with the same top-1 class as the "
                "simulation).")
 DIAGNOSTICS = ((CLE_SETS_FILE, "CLE: cross-layer-scaling sets"), (CLE_SKIPPED_FILE, "CLE: layers left alone"),
@@ -239,16 +243,20 @@ METHODS_NOTE = ("Each quantized cell: top-1 (%) simulated{}. FP32 steps: wall ti
                 "not run.")
 
 
-def _fp32_prefixes(steps: str) -> list[str]:
-    """'bn_fold+cls+hbf+bias_correction' -> ['bn_fold', 'bn_fold+cls', 'bn_fold+cls+hbf'] (step_costs.csv keys)."""
-    fp32, _ = split_combination(tuple(step_names(steps)))
-    return [combination_name(prefix) for prefix in prefixes_of(fp32)[1:]]
+def _costed_prefixes(steps: str) -> list[str]:
+    """'bn_fold+cls+hbf+bias_correction' -> ['bn_fold', 'bn_fold+cls', 'bn_fold+cls+hbf'] (step_costs.csv keys); a
+    row ending in an NNCF step also has its own name (NNCF's quantization time)."""
+    combination = tuple(step_names(steps))
+    fp32, _ = split_combination(combination)
+    quantizer = [steps] if quantizer_step(combination) else []
+    return [combination_name(prefix) for prefix in prefixes_of(fp32)[1:]] + quantizer
 
 
 def method_cells(group: pd.DataFrame, costs: pd.DataFrame) -> Table:
     """One model's methods table: rows = step combinations; per quant setting the simulated top-1 and each deployed
     runtime's int8 top-1 ("sim / ort / ov"; the simulation alone where no runtime ran the row); then the FP32 steps'
-    wall time (s) and the layers each step changed.
+    wall time (s) and the layers each step changed (an NNCF row: its FP32 steps' and NNCF's quantization time,
+    and the layers OpenVINO ran on integers).
 
     costs: the model's step_costs.csv rows (STEP_COST_COLUMNS); a prefix it lacks shows as not measured.
     """
@@ -260,9 +268,11 @@ def method_cells(group: pd.DataFrame, costs: pd.DataFrame) -> Table:
         for quant in quants:
             values = (cells.loc[(steps, quant), ["quant_top1", *(deploy_column(t, "top1") for t in runtimes)]]
                       if (steps, quant) in cells.index else pd.Series([math.nan]))
+            if quantizer_step(tuple(step_names(steps))):
+                values.iloc[0] = math.nan  # an NNCF row has no simulation: its quant_top1 is OpenVINO's
             shown = values if values.iloc[1:].notna().any() else values.iloc[:1]  # not deployed: the simulation alone
             row.append(" / ".join(MISSING if pd.isna(v) else f"{v:.2f}" for v in shown))
-        prefixes = _fp32_prefixes(steps)
+        prefixes = _costed_prefixes(steps)
         if all(prefix in cost.index for prefix in prefixes):
             measured = cost.loc[prefixes]
             row += [f"{measured['step_seconds'].sum():.2f}",

@@ -378,8 +378,12 @@ class _UnitRun:
         fp32_steps, correction = steps.split_combination(combination)
         state, print_ = self.states[fp32_steps]
         fp32 = self._fp32_accuracy(state, print_)
-        quant = self._quantized_accuracy(state, print_, correction, steps.uses_adaround(combination),
-                                         QuantConfig.from_name(key.quant))
+        quantizer = steps.quantizer_step(combination)
+        if quantizer is not None:
+            quant = self._peer_quantized_accuracy(fp32_steps, quantizer, QuantConfig.from_name(key.quant))
+        else:
+            quant = self._quantized_accuracy(state, print_, correction, steps.uses_adaround(combination),
+                                             QuantConfig.from_name(key.quant))
         self.result.predictions[prediction_name(key, "fp32")] = fp32["predictions"].numpy()
         self.result.predictions[prediction_name(key, "quant")] = quant["predictions"].numpy()
         deployed = {}
@@ -451,6 +455,46 @@ class _UnitRun:
         self.result.work.quantized_evaluations += 1
         return accuracy
 
+    def _peer_quantized_accuracy(self, fp32_steps: steps.Combination, quantizer: str, quant: QuantConfig) -> dict:
+        """An NNCF row (clebench.peers.nncf): NNCF's int8 model of the FP32 prefix's state, calibrated on the sweep's
+        calibration images, on OpenVINO's int8 kernels: evaluate()'s dict with "integer_layers" / "float_layers",
+        also as its "deploy" run where the sweep deploys to OpenVINO (the row has no simulation). Its quantization
+        time and integer layers go to step_costs.csv under the row's steps."""
+        from clebench.peers import nncf
+        from clebench.runtimes.engines import runtime  # the openvino extra
+
+        state, print_ = self.states[fp32_steps]
+        memo_key = f"{print_}|{quantizer}|{quant.name}"
+        accuracy = self.memo.get("quantized", memo_key)
+        if accuracy is not None:
+            return accuracy
+        name, threads = self.result.unit.model.name, torch.get_num_threads()
+        images = torch.cat([inputs for inputs, *_ in self.inputs.calibration_batches]).cpu()
+        path = self._export_dir() / "nncf" / f"{hashlib.sha1(memo_key.encode()).hexdigest()[:16]}.xml"
+        started = time.perf_counter()
+        try:
+            nncf.quantize(copy.deepcopy(state.model).cpu(), images, quantizer, per_channel=quant.per_channel,
+                          path=path, progress=self.settings.progress)
+        except nncf.NNCFFailure as error:  # the peer's fault: the row stays, blank, and the sweep goes on
+            print(f"warning: {name} {quant.name}: {error}; the row is recorded without a quantized accuracy",
+                  file=sys.stderr)
+            return failed_accuracy(len(self.inputs.eval_set.labels))
+        seconds = time.perf_counter() - started
+        openvino = runtime("openvino")
+        batches = datasets.batches(self.inputs.eval_set, self.settings.config.data.batch_size, self.inputs.preprocessing)
+        run = openvino.evaluate_onnx(path, batches, mode="int8", threads=threads, progress=self.settings.progress,
+                                     desc=f"{name} {quant.name} {quantizer} openvino int8")
+        precision = openvino.layer_precision(path, "int8", threads)
+        run |= {"integer_layers": precision.integer, "float_layers": list(precision.float_layers)}
+        steps_name = steps.combination_name((*fp32_steps, quantizer))
+        self.result.step_costs[(name, steps_name)] = pd.DataFrame([{
+            "model": name, "steps": steps_name, "step": quantizer, "step_seconds": seconds,
+            "layers_changed": precision.integer}], columns=STEP_COST_COLUMNS)
+        accuracy = run | {"deploy": {"openvino": run} if "openvino" in self.settings.config.eval.deploy else {}}
+        self.memo.put("quantized", memo_key, accuracy)
+        self.result.work.quantized_evaluations += 1
+        return accuracy
+
     def calibrated_sim(self, state: steps.PipelineState, print_: str, correction: str | None,
                        quant: QuantConfig, adaround: bool = False) -> QuantSim:
         """The row's QuantSim: `state`'s model, AdaRounded and bias-corrected if asked, with memoized activation
@@ -518,6 +562,12 @@ class _UnitRun:
             self.memo.put("activation_ranges", memo_key, observed)
             self.result.work.calibrations += 1
         return observed
+
+
+def failed_accuracy(images: int) -> dict:
+    """evaluate()'s dict of a row whose quantizer failed: no accuracy (blank in results.csv), predictions -1."""
+    return {"top1": float("nan"), "top5": float("nan"), "n": images,
+            "predictions": torch.full((images,), -1, dtype=torch.int64)}
 
 
 def peak_memory_mib() -> float | None:

@@ -42,13 +42,15 @@ def combination_of(key: RowKey) -> steps.Combination:
 
 
 def row_order(config: SweepConfig, usable: Mapping[str, list[steps.Combination]]) -> list[RowKey]:
-    """Every row of the sweep in config order: model, then step combination, then quantization setting."""
+    """Every row of the sweep in config order: model, then step combination, then quantization setting (the
+    settings a combination runs under: steps.runs_under)."""
     dataset = config.data.dataset
     return [
         RowKey(spec.name, dataset, steps.combination_name(combination), quant.name)
         for spec in config.models
         for combination in usable[spec.name]
         for quant in config.quant_configs
+        if steps.runs_under(combination, quant)
     ]
 
 

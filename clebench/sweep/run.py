@@ -18,6 +18,7 @@ import copy
 import os
 import platform
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -127,6 +128,16 @@ def check_sensitivity_rows(config: SweepConfig, usable: dict[str, list[steps.Com
                              f"{key.model} cannot take those steps; remove it from sensitivity.rows")
 
 
+def note_settings_skipped(config: SweepConfig, usable: dict[str, list[steps.Combination]]) -> None:
+    """Say on stderr which (steps, quant setting) pairs have no row: NNCF steps quantize to int8 only
+    (steps.runs_under)."""
+    skipped = sorted({(steps.combination_name(c), q.name) for combinations in usable.values() for c in combinations
+                      for q in config.quant_configs if not steps.runs_under(c, q)})
+    if skipped:
+        print(f"note: no rows for {len(skipped)} step x quant pairs: NNCF quantizes to 8-bit weights and activations "
+              f"only ({', '.join(f'{s} {q}' for s, q in skipped)})", file=sys.stderr)
+
+
 def prefix_states(config: SweepConfig, spec: ModelSpec, model: nn.Module,
                   combinations: list[steps.Combination]) -> dict[steps.Combination, steps.PipelineState]:
     """Every FP32 prefix state that `combinations` of `spec`'s model pass through, built on the CPU (no data is
@@ -213,6 +224,7 @@ def run_sweep(config: SweepConfig, out: str | Path, *, data_root: str | Path | N
     meta = run_metadata(settings, command)  # first: a runtime that is not installed stops the sweep before any work
     loaded, usable = check_models(config, settings.models_dir)
     check_sensitivity_rows(config, usable)
+    note_settings_skipped(config, usable)
     identities = prefix_identities(config, loaded, usable) if execution.ray or config.custom_steps else None
     columns = results.RESULT_COLUMNS + results.deploy_columns(config.eval.deploy) + results.CHECK_COLUMNS
     with Recorder(out, meta, plan.row_order(config, usable), range_order(config, usable), columns,
@@ -290,8 +302,11 @@ def peer_versions(config: SweepConfig) -> dict[str, str]:
 
 
 def runtimes_used(config: SweepConfig) -> list[str]:
-    """The runtimes a sweep runs: its simulation engine (unless torch) and its deploy targets."""
-    return list(dict.fromkeys([*([config.eval.engine] if config.eval.engine != "torch" else []), *config.eval.deploy]))
+    """The runtimes a sweep runs: its simulation engine (unless torch), its deploy targets, and OpenVINO for NNCF
+    steps (their rows run there)."""
+    nncf = any(steps.quantizer_step(combination) for combination in config.combinations)
+    return list(dict.fromkeys([*([config.eval.engine] if config.eval.engine != "torch" else []), *config.eval.deploy,
+                               *(["openvino"] if nncf else [])]))
 
 
 def _runtime_info(name: str) -> dict:

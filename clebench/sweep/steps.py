@@ -16,6 +16,11 @@ whole equalization pipeline, BN fold included, in place of bn_fold / cls / hbf; 
 AdaRound and empirical bias correction after them (analytical bias correction reads the BN statistics and CLS scales
 that clebench's own steps record and a peer's pipeline does not). Their toolkit is imported only when they run.
 
+The NNCF steps (nncf_quantize, nncf_quantize_channel_alignment, nncf_quantize_smooth_quant: clebench.peers.nncf)
+quantize instead of clebench's simulation: NNCF's own int8 quantization of the FP32 model, scored on OpenVINO. They
+come last, after any FP32 steps, and only under 8-bit-weight, 8-bit-activation settings (`runs_under`); AdaRound and
+clebench's bias correction, which feed the simulation, do not combine with them (NNCF corrects biases itself).
+
 A config's own FP32 steps (clebench.sweep.custom_steps) are passed explicitly as `custom`, a sequence of CustomStep:
 each sits in pipeline order right after its `after` step; presets hold built-in steps only.
 """
@@ -37,7 +42,7 @@ from clebench.bias_correction import correct_bias
 from clebench.errors import UserError
 from clebench.batch_norm_fold import backward_fold_map, fold_all_batch_norms
 from clebench.cross_layer_equalization import ClsSetInfo, CrossLayerScaling, HighBiasFold
-from clebench.peers import aimet, brevitas
+from clebench.peers import aimet, brevitas, nncf
 from clebench.region_equalization import Region, equalize_regions
 from clebench.quant import QuantConfig, QuantSim
 from clebench.quant.encoding import Encoding
@@ -62,6 +67,9 @@ STEP_ORDER = (
     "adaround",
     "bias_correction",
     "bias_correction_empirical",
+    "nncf_quantize",
+    "nncf_quantize_channel_alignment",
+    "nncf_quantize_smooth_quant",
 )
 CLS_STEPS = {"cls": "keep", "cls_relu6_keep": "keep", "cls_relu6_clip": "clip"}  # step -> ReLU6 policy of scale_model
 # Region equalization (clebench.region_equalization): step -> ReLU6 policy of equalize_regions. Kept out of the `all`
@@ -73,9 +81,12 @@ ACT_EQUALIZE_STEPS = {"act_equalize": "keep", "act_equalize_relu6_clip": "clip"}
 # Peer pipelines (clebench.peers): step -> the peer it runs. Kept out of the `all` preset and PRESETS.
 BREVITAS_STEPS = {"brevitas_equalize": True, "brevitas_equalize_no_merge_bias": False}  # step -> merge_bias
 PEER_STEPS = {"aimet_cle": "aimet", **dict.fromkeys(BREVITAS_STEPS, "brevitas")}
+# Quantizers besides clebench's simulation: step -> the peer that quantizes (clebench.peers.nncf.VARIANTS).
+QUANTIZER_STEPS = dict.fromkeys(nncf.VARIANTS, "nncf")
+STEP_PEERS = {**PEER_STEPS, **QUANTIZER_STEPS}  # every step that runs a peer toolkit -> that peer
 BIAS_CORRECTION_STEPS = {"bias_correction": "analytical", "bias_correction_empirical": "empirical"}
 ADAROUND = "adaround"
-FP32_STEPS = tuple(s for s in STEP_ORDER if s not in BIAS_CORRECTION_STEPS and s != ADAROUND)
+FP32_STEPS = tuple(s for s in STEP_ORDER if s not in BIAS_CORRECTION_STEPS and s != ADAROUND and s not in QUANTIZER_STEPS)
 NO_STEPS = "none"
 
 Combination = tuple[str, ...]
@@ -132,6 +143,7 @@ def validate(combination: Combination, custom: Sequence[CustomStep] = ()) -> Non
     act_steps = present & set(ACT_EQUALIZE_STEPS)
     if len(act_steps) > 1:
         raise StepError(f"{combination_name(combination)!r}: choose one activation-equalization step at most")
+    _validate_quantizer(combination)
     if present & set(PEER_STEPS):
         _validate_peer(combination)
         return
@@ -158,13 +170,28 @@ def validate(combination: Combination, custom: Sequence[CustomStep] = ()) -> Non
         raise StepError(f"relu6_to_relu contradicts {cls_steps.pop()}, which handles ReLU6 itself; use cls after relu6_to_relu")
 
 
+def _validate_quantizer(combination: Combination) -> None:
+    """An NNCF step quantizes in NNCF's scheme, not clebench's simulation: one of them, and no AdaRound or bias
+    correction (which feed the simulation; NNCF runs its own bias correction)."""
+    quantizers = [step for step in combination if step in QUANTIZER_STEPS]
+    if len(quantizers) > 1:
+        raise StepError(f"{combination_name(combination)!r}: choose one NNCF step at most")
+    simulation_steps = [step for step in combination if step in BIAS_CORRECTION_STEPS or step == ADAROUND]
+    if quantizers and simulation_steps:
+        raise StepError(
+            f"{' and '.join(simulation_steps)} with {quantizers[0]}: the NNCF step quantizes with NNCF (its own bias "
+            "correction included) instead of clebench's simulation, which adaround and bias correction feed; "
+            "put only FP32 steps before it"
+        )
+
+
 def _validate_peer(combination: Combination) -> None:
     """A peer step runs its toolkit's whole pipeline: only relu6_to_relu before it, AdaRound and empirical bias
     correction after it."""
     peers = [step for step in combination if step in PEER_STEPS]
     if len(peers) > 1:
         raise StepError(f"{combination_name(combination)!r}: choose one peer step at most")
-    allowed = (*peers, "relu6_to_relu", ADAROUND, "bias_correction_empirical")
+    allowed = (*peers, "relu6_to_relu", ADAROUND, "bias_correction_empirical", *QUANTIZER_STEPS)
     others = [step for step in combination if step in STEP_ORDER and step not in allowed]  # custom steps may join
     if others:
         raise StepError(
@@ -247,9 +274,20 @@ def _apply_peer(step: str, state: PipelineState, brevitas_iterations: int) -> bo
 
 def split_combination(combination: Combination) -> tuple[Combination, str | None]:
     """(FP32 steps, custom ones included; the bias-correction step or None) of a validated combination."""
-    fp32 = tuple(s for s in combination if s not in BIAS_CORRECTION_STEPS and s != ADAROUND)
+    fp32 = tuple(s for s in combination if s not in BIAS_CORRECTION_STEPS and s != ADAROUND and s not in QUANTIZER_STEPS)
     correction = next((s for s in combination if s in BIAS_CORRECTION_STEPS), None)
     return fp32, correction
+
+
+def quantizer_step(combination: Combination) -> str | None:
+    """The combination's NNCF step (a key of QUANTIZER_STEPS), or None: clebench's simulation quantizes it."""
+    return next((s for s in combination if s in QUANTIZER_STEPS), None)
+
+
+def runs_under(combination: Combination, quant: QuantConfig) -> bool:
+    """Whether the sweep has a row of `combination` under `quant`: NNCF steps only at 8-bit weights and activations
+    (NNCF quantizes to int8); everything else under every setting."""
+    return quantizer_step(combination) is None or (quant.weight_bits == 8 and quant.act_bits == 8)
 
 
 def uses_adaround(combination: Combination) -> bool:
@@ -320,7 +358,7 @@ def all_combinations() -> list[Combination]:
     learns for minutes per row, is left out: the `ptq` preset and explicit lists run it."""
     valid = []
     equalization = tuple(step for step in STEP_ORDER if step != ADAROUND and step not in REGION_STEPS
-                         and step not in ACT_EQUALIZE_STEPS and step not in PEER_STEPS)
+                         and step not in ACT_EQUALIZE_STEPS and step not in STEP_PEERS)
     for mask in itertools.product((False, True), repeat=len(equalization)):
         combination = tuple(step for step, keep in zip(equalization, mask) if keep)
         try:
