@@ -300,7 +300,8 @@ class _UnitRun:
             state = copy.deepcopy(parent)
             started = time.perf_counter()
             changed = self._apply(prefix[-1], state)
-            self._record_cost(prefix, time.perf_counter() - started, parent.model, state.model)
+            self._record_cost(prefix, time.perf_counter() - started,
+                              cle_diagnostics.changed_layers(parent.model, state.model))
             if not changed:
                 self.states[prefix] = (parent, parent_print)
                 self.probe_outputs[prefix] = self.probe_outputs[prefix[:-1]]
@@ -338,11 +339,12 @@ class _UnitRun:
                                        self.probe_outputs[prefix[:-1]], output)
         self.step_changes[prefix] = {**self.step_changes[prefix[:-1]], prefix[-1]: change}
 
-    def _record_cost(self, prefix: steps.Combination, seconds: float, before: nn.Module, after: nn.Module) -> None:
-        key = (self.result.unit.model.name, steps.combination_name(prefix))
+    def _record_cost(self, combination: steps.Combination, seconds: float, layers_changed: int) -> None:
+        """step_costs.csv's row of `combination`'s last step (an FP32 step, or an NNCF step after its FP32 steps)."""
+        key = (self.result.unit.model.name, steps.combination_name(combination))
         self.result.step_costs[key] = pd.DataFrame([{
-            "model": key[0], "steps": key[1], "step": prefix[-1], "step_seconds": seconds,
-            "layers_changed": cle_diagnostics.changed_layers(before, after)}], columns=STEP_COST_COLUMNS)
+            "model": key[0], "steps": key[1], "step": combination[-1], "step_seconds": seconds,
+            "layers_changed": layers_changed}], columns=STEP_COST_COLUMNS)
 
     def _record_ranges(self, prefix: steps.Combination, model: nn.Module) -> None:
         name, model_name = steps.combination_name(prefix), self.result.unit.model.name
@@ -484,12 +486,8 @@ class _UnitRun:
         batches = datasets.batches(self.inputs.eval_set, self.settings.config.data.batch_size, self.inputs.preprocessing)
         run = openvino.evaluate_onnx(path, batches, mode="int8", threads=threads, progress=self.settings.progress,
                                      desc=f"{name} {quant.name} {quantizer} openvino int8")
-        precision = openvino.layer_precision(path, "int8", threads)
-        run |= {"integer_layers": precision.integer, "float_layers": list(precision.float_layers)}
-        steps_name = steps.combination_name((*fp32_steps, quantizer))
-        self.result.step_costs[(name, steps_name)] = pd.DataFrame([{
-            "model": name, "steps": steps_name, "step": quantizer, "step_seconds": seconds,
-            "layers_changed": precision.integer}], columns=STEP_COST_COLUMNS)
+        run |= self._layer_precision("openvino", path, f"{name} {quant.name} {quantizer}")
+        self._record_cost((*fp32_steps, quantizer), seconds, run["integer_layers"])
         accuracy = run | {"deploy": {"openvino": run} if "openvino" in self.settings.config.eval.deploy else {}}
         self.memo.put("quantized", memo_key, accuracy)
         self.result.work.quantized_evaluations += 1
@@ -533,16 +531,22 @@ class _UnitRun:
         """The row on `target`'s integer kernels: evaluate()'s dict, "integer_layers" (how many conv / matmul layers
         ran on integers) and "float_layers" (the names of those that ran in float; plain data, as the memo stores it).
         A layer the runtime ran in float is reported on stderr and counted in the row."""
-        from clebench.runtimes.engines import runtime  # the onnx extra
-        from clebench.runtimes.export import cached_export
+        from clebench.runtimes.export import cached_export  # the onnx extra
 
         accuracy = self._evaluate_sim(sim, f"{target}-int8", desc)
         path = cached_export(sim, self._dummy_input(), self._export_dir(), int32_bias=True)
+        return accuracy | self._layer_precision(target, path, desc)
+
+    def _layer_precision(self, target: str, path: Path, desc: str) -> dict:
+        """{"integer_layers", "float_layers"} of the model at `path` on `target`'s int8 kernels; a layer the runtime
+        ran in float is reported on stderr."""
+        from clebench.runtimes.engines import runtime  # the onnx extra
+
         precision = runtime(target).layer_precision(path, "int8", torch.get_num_threads())
         if precision.float_layers:
             print(f"warning: {desc}: {target} ran {len(precision.float_layers)} of {precision.total} conv/matmul "
                   f"layers in float: {', '.join(precision.float_layers)}", file=sys.stderr)
-        return accuracy | {"integer_layers": precision.integer, "float_layers": list(precision.float_layers)}
+        return {"integer_layers": precision.integer, "float_layers": list(precision.float_layers)}
 
     def _dummy_input(self) -> torch.Tensor:
         return self.inputs.calibration_batches[0][0][:1].cpu()
